@@ -1,0 +1,311 @@
+"""The Llama 3 dense transformer, readable top to bottom.
+
+Parameter names follow Meta's release (``tok_embeddings``, ``layers.{i}.attention.wq`` ...),
+so a released checkpoint loads with ``strict=True``. The model knows nothing about
+parallelism: tensor, context and pipeline parallelism are applied from outside
+(``recipe/parallel``), which is why the blocks live in an ``nn.ModuleDict`` keyed by the
+global layer index (a pipeline stage keeps a subset, names and checkpoints unchanged) and
+why the embedding, final norm and output head may be ``None`` on stages that do not own them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recipe.errors import RecipeError
+
+
+class ModelConfigError(RecipeError):
+    """A model configuration that cannot be built."""
+
+
+@dataclass
+class RopeScaling:
+    """Llama 3.1 long-context frequency scaling (Meta's ``apply_scaling``)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = 8
+    vocab_size: int = 128256
+    multiple_of: int = 1024
+    ffn_dim_multiplier: float | None = 1.3
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 8192
+    # Depth-scaled init of the output projections (wo, w2, w3), as in torchtitan; False
+    # uses one std for every layer.
+    depth_init: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ModelConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ModelConfigError(
+                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; "
+                "pick n_heads that divides dim"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ModelConfigError(
+                f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}; "
+                "GQA needs n_kv_heads to divide n_heads"
+            )
+        if self.head_dim % 2:
+            raise ModelConfigError(f"head dim {self.head_dim} (dim / n_heads) must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU width: 2/3 of 4*dim, times the multiplier, rounded up to ``multiple_of``."""
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Per-pair rotation frequencies, with the optional 3.1 scaling for long context."""
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    s = args.rope_scaling
+    if s is None:
+        return freqs.float()
+    wavelen = 2 * math.pi / freqs
+    low_freq_wavelen = s.original_max_seq_len / s.low_freq_factor
+    high_freq_wavelen = s.original_max_seq_len / s.high_freq_factor
+    # Long wavelengths are stretched by `factor`, short ones kept; in between, interpolate.
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / s.factor, freqs)
+    mid = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    scaled = torch.where(mid, (1 - smooth) * freqs / s.factor + smooth * freqs, scaled)
+    return scaled.float()
+
+
+def rope_cache(args: ModelArgs, device: torch.device | None = None) -> torch.Tensor:
+    """``[max_seq_len, head_dim // 2, 2]`` table of (cos, sin) per position and pair."""
+    freqs = rope_frequencies(args).to(device)
+    positions = torch.arange(args.max_seq_len, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, freqs)
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of each head - Meta's interleaved layout.
+
+    x: [batch, seq, heads, head_dim]; rope: [batch or 1, seq, head_dim // 2, 2].
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = rope[..., 0].unsqueeze(2), rope[..., 1].unsqueeze(2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def document_causal_mask(doc_ids: torch.Tensor | None, kv_doc_ids: torch.Tensor | None = None,
+                         q_positions: torch.Tensor | None = None,
+                         kv_positions: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Boolean attention mask ``[batch, 1, q_len, kv_len]``: causal and same-document.
+
+    Returns None when every row holds a single document and queries and keys share
+    positions, so attention can take SDPA's plain causal fast path. Explicit positions
+    let a context-parallel rank mask its local queries against all-gathered keys.
+    """
+    if doc_ids is None:
+        return None
+    kv_doc_ids = doc_ids if kv_doc_ids is None else kv_doc_ids
+    same_positions = q_positions is None and kv_positions is None
+    if same_positions and bool((doc_ids == doc_ids[:, :1]).all()):
+        return None
+    q_len, kv_len = doc_ids.shape[1], kv_doc_ids.shape[1]
+    if q_positions is None:
+        q_positions = torch.arange(q_len, device=doc_ids.device)
+    if kv_positions is None:
+        kv_positions = torch.arange(kv_len, device=doc_ids.device)
+    causal = q_positions.unsqueeze(-1) >= kv_positions.unsqueeze(-2)
+    same_doc = doc_ids.unsqueeze(-1) == kv_doc_ids.unsqueeze(-2)
+    return (same_doc & causal).unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 so bf16 activations keep their precision, as Meta does.
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: ``n_kv_heads`` K/V heads shared by groups of query heads."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        # -1 instead of n_heads: under tensor parallelism each rank holds a slice of heads.
+        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Scaled dot-product attention on ``[batch, heads, seq, head_dim]`` tensors.
+
+        A separate method so context parallelism can swap in its all-gather K/V variant.
+        """
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        depth = layer_id + 1 if args.depth_init else args.n_layers
+        self.out_init_std = args.init_std / math.sqrt(2 * depth)
+        self.init_std = args.init_std
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self) -> None:
+        for norm in (self.attention_norm, self.ffn_norm):
+            norm.reset_parameters()
+        for lin in (self.attention.wq, self.attention.wk, self.attention.wv, self.feed_forward.w1):
+            nn.init.trunc_normal_(lin.weight, mean=0.0, std=self.init_std)
+        for lin in (self.attention.wo, self.feed_forward.w2, self.feed_forward.w3):
+            nn.init.trunc_normal_(lin.weight, mean=0.0, std=self.out_init_std)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Transformer(nn.Module):
+    """Token ids (+ optional document ids and positions) -> next-token logits."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Not persistent: derived from args, so checkpoints carry weights only.
+        self.register_buffer("rope", rope_cache(args), persistent=False)
+
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """(Re)initialise every parameter; call after ``to_empty`` when built on meta."""
+        with torch.no_grad():
+            self.rope = rope_cache(self.args, device=buffer_device or self.rope.device)
+            if self.tok_embeddings is not None:
+                nn.init.normal_(self.tok_embeddings.weight)
+            for layer in self.layers.values():
+                layer.init_weights()
+            if self.norm is not None:
+                self.norm.reset_parameters()
+            if self.output is not None:
+                std = self.args.dim ** -0.5
+                nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: [batch, seq] ids (or hidden states on a later pipeline stage).
+
+        doc_ids: [batch, seq] document of each token (None: one document per row).
+        positions: [seq] or [batch, seq] RoPE positions (None: 0..seq-1).
+        """
+        seqlen = tokens.shape[1]
+        if positions is None and seqlen > self.args.max_seq_len:
+            raise ModelConfigError(
+                f"sequence length {seqlen} exceeds model.max_seq_len={self.args.max_seq_len}; "
+                "raise max_seq_len or shorten the data's seq_len"
+            )
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        rope = self.rope[:seqlen].unsqueeze(0) if positions is None else self.rope[positions]
+        if rope.dim() == 3:
+            rope = rope.unsqueeze(0)
+        mask = document_causal_mask(doc_ids)
+        for layer in self.layers.values():
+            h = layer(h, rope, mask)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_meta_model(args: ModelArgs) -> Transformer:
+    """The model with shapes only: instant at any size, for counting and planning."""
+    with torch.device("meta"):
+        return Transformer(args)
