@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +123,27 @@ def lightning_main(argv: list[str]) -> None:
     from recipe.data.datamodule import TokenDataModule
     from recipe.module import LlamaLightningModule
 
+    # Our step saves after the optimizer update on purpose: that is the state to resume.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     LightningCLI(
         LlamaLightningModule,
         TokenDataModule,
-        args=argv,
+        # From the console script argv *is* sys.argv[1:]; Lightning warns when given both.
+        args=None if argv == sys.argv[1:] else argv,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "recipe"},
     )
+
+
+def find_user_error(err: BaseException) -> BaseException | None:
+    """The user-input error behind ``err``: config parsers wrap what our classes raise."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, USER_ERRORS):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,10 +162,11 @@ def main(argv: list[str] | None = None) -> int:
             from recipe.data.cli import main as data_main
 
             return data_main(rest)
-    except USER_ERRORS as err:
-        if os.environ.get("RECIPE_TRACEBACK"):
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None or os.environ.get("RECIPE_TRACEBACK"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {user_error}", file=sys.stderr)
         return 2
     print(f"error: unknown command {command!r}; run `recipe --help` for the list", file=sys.stderr)
     return 2

@@ -1,0 +1,346 @@
+"""On-disk token shards: the contract between the build and the token stream.
+
+A *shard set* is a directory::
+
+    index.json                 written LAST: its presence means "complete"
+    shard_00000.tokens.npy     flat uint32 ids of consecutive documents,
+                               each document = [bos] + tokens + [eos]
+    shard_00000.docs.npy       uint64 start offset of each document in that shard
+    shard_00001.tokens.npy ...
+
+``index.json``::
+
+    {"format": "llama3-recipe-shards", "version": 1, "dtype": "uint32",
+     "vocab_size": int, "bos_id": int, "eos_id": int, "tokenizer": str,
+     "num_tokens": int, "num_documents": int,
+     "shards": [{"name": "shard_00000", "num_tokens": int, "num_documents": int}, ...],
+     "report": {...}}
+
+A set is written into ``<out_dir>.tmp-<pid>`` and renamed to ``out_dir`` only when
+complete, so a crash never leaves a directory a later run mistakes for finished data.
+
+``ShardSet.window(start, length)`` reads ANY global token offset: the set is an
+endless repetition of itself (one endless epoch, see DESIGN.md), and document ids
+are unique per (epoch, document) so the attention mask never joins two documents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recipe.data.errors import DataError
+
+__all__ = ["FORMAT", "VERSION", "ShardWriter", "ShardSet", "atomic_dir", "is_complete"]
+
+FORMAT = "llama3-recipe-shards"
+VERSION = 1
+DTYPE = np.uint32
+# 2**26 tokens = 256 MiB per tokens file: big enough that the file count stays small,
+# small enough that the writer's in-memory buffer stays modest.
+DEFAULT_SHARD_TOKENS = 1 << 26
+_REBUILD = "rebuild it with `recipe data build`"
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a finished shard set (its index.json exists)."""
+    return (Path(path) / "index.json").is_file()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, what: str = "output") -> Iterator[Path]:
+    """Yield a temp sibling ``<out_dir>.tmp-<pid>``; rename it to ``out_dir`` on success.
+
+    On an exception the temp dir is removed and ``out_dir`` is untouched. An existing
+    non-empty ``out_dir`` is an error unless ``overwrite``; then it is replaced (the old
+    one is moved aside first because rename() cannot replace a non-empty directory).
+    """
+    out = Path(out_dir)
+    _check_free(out, overwrite, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    _remove(tmp)  # leftover of a crashed run of ours with the same pid
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        if out.exists():
+            _check_free(out, overwrite, what)  # it may have appeared while we worked
+            _remove(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        _remove(old)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _check_free(out: Path, overwrite: bool, what: str) -> None:
+    if overwrite or not out.exists():
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return  # an empty directory holds nothing to lose
+    raise DataError(
+        f"{what} {out} already exists; remove it, choose another directory, or pass overwrite=True (--overwrite)"
+    )
+
+
+class ShardWriter:
+    """Append tokenized documents; ``close()`` writes index.json last and publishes the set.
+
+    Usable as a context manager: an exception inside the ``with`` block aborts the
+    write and leaves nothing at ``out_dir``.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        vocab_size: int,
+        bos_id: int,
+        eos_id: int,
+        tokenizer: str = "",
+        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+        overwrite: bool = False,
+    ) -> None:
+        if not 0 < vocab_size <= np.iinfo(DTYPE).max + 1:
+            raise DataError(f"vocab_size {vocab_size} does not fit in {np.dtype(DTYPE).name}; use a smaller vocabulary")
+        if shard_tokens < 1:
+            raise DataError(f"shard_tokens must be >= 1, got {shard_tokens}")
+        self.out_dir = Path(out_dir)
+        self.vocab_size, self.bos_id, self.eos_id = int(vocab_size), int(bos_id), int(eos_id)
+        self.tokenizer = str(tokenizer)
+        self.shard_tokens = int(shard_tokens)
+        self._ctx = atomic_dir(self.out_dir, overwrite=overwrite, what="shard set")
+        self._tmp = self._ctx.__enter__()  # checks out_dir up front, before any work is done
+        self._parts: list[np.ndarray] = []  # documents of the open shard
+        self._part_tokens = 0
+        self._shards: list[dict[str, Any]] = []
+        self._closed = False
+
+    # -- writing
+    def add(self, tokens: Sequence[int] | np.ndarray) -> None:
+        """Append one document, already wrapped as ``[bos] + tokens + [eos]``."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        doc = np.asarray(tokens)
+        if doc.ndim != 1 or doc.size < 2 or doc[0] != self.bos_id or doc[-1] != self.eos_id:
+            raise DataError(
+                f"a document must be [bos={self.bos_id}] + tokens + [eos={self.eos_id}]; encode with bos=True, eos=True"
+            )
+        if doc.min() < 0 or doc.max() >= self.vocab_size:
+            raise DataError(f"token id out of range [0, {self.vocab_size}); the tokenizer does not match vocab_size")
+        if self._part_tokens and self._part_tokens + doc.size > self.shard_tokens:
+            self._flush()  # documents never straddle shards; a huge one gets a shard of its own
+        self._parts.append(doc.astype(DTYPE, copy=False))
+        self._part_tokens += doc.size
+
+    def _flush(self) -> None:
+        if not self._parts:
+            return
+        name = f"shard_{len(self._shards):05d}"
+        lengths = np.fromiter((p.size for p in self._parts), dtype=np.uint64, count=len(self._parts))
+        starts = np.zeros(len(lengths), dtype=np.uint64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        np.save(self._tmp / f"{name}.tokens.npy", np.concatenate(self._parts))
+        np.save(self._tmp / f"{name}.docs.npy", starts)
+        self._shards.append({"name": name, "num_tokens": int(self._part_tokens), "num_documents": len(self._parts)})
+        self._parts, self._part_tokens = [], 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s["num_tokens"] for s in self._shards) + self._part_tokens
+
+    @property
+    def num_documents(self) -> int:
+        return sum(s["num_documents"] for s in self._shards) + len(self._parts)
+
+    # -- finishing
+    def close(self, report: dict[str, Any] | None = None) -> Path:
+        """Flush, write index.json (last), rename the temp dir to ``out_dir``; return it."""
+        if self._closed:
+            return self.out_dir
+        try:
+            self._flush()
+            index = {
+                "format": FORMAT,
+                "version": VERSION,
+                "dtype": np.dtype(DTYPE).name,
+                "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id,
+                "eos_id": self.eos_id,
+                "tokenizer": self.tokenizer,
+                "num_tokens": sum(s["num_tokens"] for s in self._shards),
+                "num_documents": sum(s["num_documents"] for s in self._shards),
+                "shards": self._shards,
+                "report": report or {},
+            }
+            tmp_index = self._tmp / "index.json.partial"
+            tmp_index.write_text(json.dumps(index, indent=1) + "\n")
+            os.replace(tmp_index, self._tmp / "index.json")
+        except BaseException as e:
+            self._closed = True
+            self._ctx.__exit__(type(e), e, e.__traceback__)
+            raise
+        self._closed = True
+        self._ctx.__exit__(None, None, None)  # the atomic rename
+        return self.out_dir
+
+    def abort(self) -> None:
+        """Drop everything written so far; ``out_dir`` is left as it was."""
+        if not self._closed:
+            self._closed = True
+            err = RuntimeError("ShardWriter aborted")
+            with contextlib.suppress(RuntimeError):
+                self._ctx.__exit__(RuntimeError, err, None)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:
+        # A writer dropped without close() (e.g. an exception outside a with-block)
+        # must not leave its temp directory behind.
+        if not getattr(self, "_closed", True):
+            self.abort()
+
+
+class ShardSet:
+    """A complete shard set opened read-only (token files memory-mapped)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        index_path = self.path / "index.json"
+        if not index_path.is_file():
+            raise DataError(f"{self.path} is not a complete shard set (no index.json); {_REBUILD}")
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{index_path}: unreadable index ({type(e).__name__}); {_REBUILD}") from None
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            raise DataError(f"{index_path}: not a {FORMAT} index; {_REBUILD}")
+        if index.get("version") != VERSION:
+            raise DataError(
+                f"{index_path}: format version {index.get('version')!r}, this code reads version {VERSION}; {_REBUILD}"
+            )
+        if index.get("dtype") != np.dtype(DTYPE).name:
+            raise DataError(f"{index_path}: dtype {index.get('dtype')!r}, expected {np.dtype(DTYPE).name}; {_REBUILD}")
+        self.index: dict[str, Any] = index
+        self.vocab_size: int = int(index["vocab_size"])
+        self.bos_id: int = int(index["bos_id"])
+        self.eos_id: int = int(index["eos_id"])
+        self.tokenizer: str = str(index.get("tokenizer", ""))
+        self.report: dict[str, Any] = index.get("report", {})
+        self.num_tokens: int = int(index["num_tokens"])
+        self.num_documents: int = int(index["num_documents"])
+
+        shards = index["shards"]
+        self.shard_names: list[str] = [s["name"] for s in shards]
+        sizes = np.array([int(s["num_tokens"]) for s in shards], dtype=np.int64)
+        if int(sizes.sum()) != self.num_tokens or sum(int(s["num_documents"]) for s in shards) != self.num_documents:
+            raise DataError(f"{index_path}: shard sizes do not add up to the totals; {_REBUILD}")
+        # Global token offset where each shard starts (plus the end, for searchsorted).
+        self._shard_starts = np.zeros(len(shards) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=self._shard_starts[1:])
+        doc_starts = []
+        for shard, start in zip(shards, self._shard_starts[:-1]):
+            docs = self._check_shard(shard)
+            doc_starts.append(docs.astype(np.int64) + start)
+        # Global start offset of every document, in order (document d = [starts[d], starts[d+1])).
+        self.doc_starts: np.ndarray = np.concatenate(doc_starts) if doc_starts else np.zeros(0, np.int64)
+        self._tokens: list[np.ndarray] | None = None
+
+    def _check_shard(self, shard: dict[str, Any]) -> np.ndarray:
+        """Validate one shard's files against the index; return its document offsets."""
+        name, n_tok, n_doc = shard["name"], int(shard["num_tokens"]), int(shard["num_documents"])
+        tok_path, doc_path = self.path / f"{name}.tokens.npy", self.path / f"{name}.docs.npy"
+        for p in (tok_path, doc_path):
+            if not p.is_file():
+                raise DataError(f"{self.path}: shard {name} is missing {p.name}; {_REBUILD}")
+        try:
+            tokens = np.load(tok_path, mmap_mode="r")
+            docs = np.load(doc_path)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{self.path}: shard {name} is unreadable ({e}); {_REBUILD}") from None
+        if tokens.dtype != DTYPE or tokens.shape != (n_tok,):
+            raise DataError(
+                f"{self.path}: shard {name} has {tokens.shape} {tokens.dtype} tokens, "
+                f"index says ({n_tok},) uint32; {_REBUILD}"
+            )
+        if docs.dtype != np.uint64 or docs.shape != (n_doc,):
+            raise DataError(
+                f"{self.path}: shard {name} has {docs.shape[0]} document offsets, index says {n_doc}; {_REBUILD}"
+            )
+        if n_doc and (docs[0] != 0 or np.any(np.diff(docs.astype(np.int64)) <= 0) or int(docs[-1]) >= n_tok):
+            raise DataError(f"{self.path}: shard {name} has invalid document offsets; {_REBUILD}")
+        return docs
+
+    # The memory maps are opened lazily and not pickled: a DataLoader worker gets a
+    # copy of the dataset, and pickling a memmap would copy the whole array.
+    @property
+    def shards(self) -> list[np.ndarray]:
+        if self._tokens is None:
+            self._tokens = [np.load(self.path / f"{n}.tokens.npy", mmap_mode="r") for n in self.shard_names]
+        return self._tokens
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_tokens"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"ShardSet({str(self.path)!r}, num_tokens={self.num_tokens}, num_documents={self.num_documents})"
+
+    def document(self, i: int) -> np.ndarray:
+        """Tokens of document ``i`` (``[bos] + tokens + [eos]``) as int64."""
+        start = int(self.doc_starts[i])
+        end = int(self.doc_starts[i + 1]) if i + 1 < self.num_documents else self.num_tokens
+        return self.window(start, end - start)[0]
+
+    def window(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and document ids of global offsets ``[start, start + length)``.
+
+        Offset ``o`` reads token ``o % num_tokens`` (the set repeats endlessly); the
+        document id of a token of document ``d`` in epoch ``e = o // num_tokens`` is
+        ``e * num_documents + d``, unique per (epoch, document). Both arrays are int64.
+        """
+        start, length = int(start), int(length)
+        if start < 0 or length < 0:
+            raise ValueError(f"window(start={start}, length={length}): both must be >= 0")
+        if self.num_tokens == 0:
+            raise DataError(f"{self.path} is an empty shard set (0 tokens); rebuild it from a corpus with documents")
+        n = self.num_tokens
+        tokens = np.empty(length, dtype=np.int64)
+        # Copy contiguous runs that lie inside one shard and one epoch: a handful of
+        # slices per window, no per-token Python work.
+        pos, end = start, start + length
+        shards, bounds = self.shards, self._shard_starts
+        while pos < end:
+            off = pos % n
+            s = int(np.searchsorted(bounds, off, side="right")) - 1
+            take = min(end - pos, int(bounds[s + 1]) - off)
+            local = off - int(bounds[s])
+            tokens[pos - start : pos - start + take] = shards[s][local : local + take]
+            pos += take
+        offsets = np.arange(start, end, dtype=np.int64)
+        epoch, off = np.divmod(offsets, n)
+        doc_ids = epoch * self.num_documents + (np.searchsorted(self.doc_starts, off, side="right") - 1)
+        return tokens, doc_ids
