@@ -23,6 +23,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from callbacks.progress import RecipeProgressBar
 from callbacks.throughput import TokenThroughput
 from recipe.data.build import build_shards
 from recipe.data.datamodule import TokenDataModule
@@ -65,7 +66,7 @@ def run_recipe(data_dir: Path, seq_len: int, batch: int, micro: int, warmup: int
     clock = StepClock(warmup)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=warmup + steps, logger=L.pytorch.loggers.TensorBoardLogger(logdir),
-        callbacks=[TokenThroughput(), clock], enable_checkpointing=False, num_sanity_val_steps=0,
+        callbacks=[TokenThroughput(), RecipeProgressBar(), clock], enable_checkpointing=False, num_sanity_val_steps=0,
         limit_val_batches=0, log_every_n_steps=1, enable_model_summary=False,
     )
     module = LlamaLightningModule(arch=ARCH, optimizer=OPTIM, lr_schedule=SCHEDULE, init_seed=0)

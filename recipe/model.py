@@ -277,11 +277,14 @@ class Transformer(nn.Module):
                 nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [batch, seq] ids (or hidden states on a later pipeline stage).
 
         doc_ids: [batch, seq] document of each token (None: one document per row).
         positions: [seq] or [batch, seq] RoPE positions (None: 0..seq-1).
+        mask: a ready boolean attention mask ``[batch, 1, seq, kv_len]`` that replaces the
+            one derived from ``doc_ids`` (for callers whose keys are not the local tokens,
+            such as context parallelism).
         """
         seqlen = tokens.shape[1]
         if positions is None and seqlen > self.args.max_seq_len:
@@ -293,7 +296,8 @@ class Transformer(nn.Module):
         rope = self.rope[:seqlen].unsqueeze(0) if positions is None else self.rope[positions]
         if rope.dim() == 3:
             rope = rope.unsqueeze(0)
-        mask = document_causal_mask(doc_ids)
+        if mask is None:
+            mask = document_causal_mask(doc_ids)
         for layer in self.layers.values():
             h = layer(h, rope, mask)
         if self.norm is not None:

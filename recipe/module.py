@@ -9,14 +9,19 @@ micro-batch count or data-parallel split.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
+from recipe.errors import ConfigError
 from recipe.model import ModelArgs, ModelConfigError, Transformer
+from recipe.parallel.clip import clip_grad_norm
+from recipe.parallel.fsdp import set_gradient_sync
 from recipe.schedule import LRSchedule
 
 
@@ -39,6 +44,7 @@ class LlamaLightningModule(L.LightningModule):
         lr_schedule: LRSchedule | None = None,
         grad_clip: float | None = 1.0,
         init_seed: int = 0,
+        init_weights_path: str | None = None,
     ) -> None:
         """
         Args:
@@ -47,6 +53,9 @@ class LlamaLightningModule(L.LightningModule):
             lr_schedule: warm-up and cosine decay to a floor, in optimizer steps.
             grad_clip: clip the global gradient norm to this value (None: no clipping).
             init_seed: seed of the weight initialisation, independent of the data order.
+            init_weights_path: a full (unsharded) model state dict saved with ``torch.save``,
+                loaded after initialisation under any parallel layout - the same starting
+                weights whatever the layout.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -55,6 +64,7 @@ class LlamaLightningModule(L.LightningModule):
         self.lr_schedule = lr_schedule or LRSchedule()
         self.grad_clip = grad_clip
         self.init_seed = init_seed
+        self.init_weights_path = init_weights_path
         self.automatic_optimization = False
         self.model: Transformer | None = None
         self.tokens_seen = 0
@@ -73,6 +83,8 @@ class LlamaLightningModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.init_seed)
             model.init_weights(buffer_device=self.device)
+        if self.init_weights_path is not None:
+            load_full_weights(model, self.init_weights_path)
         self.model = model
 
     def parallelize(self, model: Transformer) -> Transformer:
@@ -112,54 +124,89 @@ class LlamaLightningModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
 
-    def micro_batch_loss(self, tokens: torch.Tensor, doc_ids: torch.Tensor, normalizer: float) -> torch.Tensor:
-        """Sum of next-token cross-entropies of one micro-batch, divided by ``normalizer``."""
-        logits = self.model(tokens[:, :-1], doc_ids[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
-        return loss / normalizer
+    def _parallel(self):
+        """The 4D strategy when training under one, else None (single process, plain DDP)."""
+        from recipe.parallel.strategy import Parallel4DStrategy
 
-    def global_token_count(self, local: int) -> int:
-        """Targets in the global batch, summed over data-parallel ranks."""
-        count = torch.tensor(float(local), device=self.device)
-        return int(self.trainer.strategy.reduce(count, reduce_op="sum").item())
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return strategy if isinstance(strategy, Parallel4DStrategy) else None
+
+    def _sum_over_data(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over every rank holding different tokens (data-parallel and context-parallel)."""
+        parallel = self._parallel()
+        if parallel is not None:
+            return parallel.reduce_over(tensor, "dp_cp")
+        if self._trainer is not None:
+            return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+        return tensor
+
+    def _cp_size(self) -> int:
+        parallel = self._parallel()
+        return parallel.dims.cp if parallel is not None else 1
+
+    def _loss_context(self) -> contextlib.AbstractContextManager:
+        parallel = self._parallel()
+        if parallel is not None and parallel.dims.tp > 1 and parallel.loss_parallel:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
+
+    def micro_batch_loss(self, tokens: torch.Tensor, doc_ids: torch.Tensor, normalizer: float) -> torch.Tensor:
+        """Sum of next-token cross-entropies of one micro-batch, divided by ``normalizer``.
+
+        Under context parallelism this rank computes its share of the sequence only; the
+        shares' gradients are summed by FSDP's reduce-scatter over dp_shard x cp.
+        """
+        inputs, targets, docs = tokens[:, :-1], tokens[:, 1:], doc_ids[:, :-1]
+        parallel = self._parallel()
+        if parallel is not None and parallel.dims.cp > 1:
+            from recipe.parallel.context import shard_for_context_parallel
+
+            local = shard_for_context_parallel(inputs, targets, docs, parallel.device_mesh["cp"])
+            logits = self.model(local["tokens"], positions=local["positions"], mask=local["mask"])
+            targets = local["targets"]
+        else:
+            logits = self.model(inputs, docs)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        return loss / normalizer
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         start = time.perf_counter()
         optimizer = self.optimizers()
         tokens, doc_ids = batch["tokens"], batch["doc_ids"]  # [n_micro, micro_batch, seq_len + 1]
-        local_targets = tokens[..., 1:].numel()
-        global_targets = self.global_token_count(local_targets)
+        # Context-parallel ranks hold the same rows and score 1/cp of their tokens each.
+        local_targets = tokens[..., 1:].numel() / self._cp_size()
+        global_targets = int(self._sum_over_data(torch.tensor(local_targets)).item())
         lr = self.lr_schedule.lr_at(self.trainer.global_step, self.optim_config.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
+        n_micro = tokens.shape[0]
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(tokens.shape[0]):
-            loss = self.micro_batch_loss(tokens[micro], doc_ids[micro], global_targets)
-            self.manual_backward(loss)
-            loss_sum += loss.detach()
+        with self._loss_context():
+            for micro in range(n_micro):
+                # Reduce-scatter gradients once per step, on the last micro-batch.
+                set_gradient_sync(list(self.model.modules()), micro == n_micro - 1)
+                loss = self.micro_batch_loss(tokens[micro], doc_ids[micro], global_targets)
+                self.manual_backward(loss)
+                loss_sum += as_local(loss.detach())
 
-        grad_norm = self.clip_grad_norm()
+        grad_norm = clip_grad_norm(self.parameters(), self.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        loss = self.trainer.strategy.reduce(loss_sum, reduce_op="sum")
+        loss = self._sum_over_data(loss_sum)
         self.tokens_seen += global_targets
         seq_len = tokens.shape[-1] - 1
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", lr)
-        self.log("train/grad_norm", grad_norm)
-        self.log("train/tokens_seen", float(self.tokens_seen))
-        self.log("train/batch_tokens", float(global_targets))
-        self.log("train/seq_len", float(seq_len))
-        self.log("train/step_time", time.perf_counter() - start)
+        self.log("train/loss", loss, prog_bar=True, rank_zero_only=True)
+        self.log("train/lr", lr, rank_zero_only=True)
+        self.log("train/grad_norm", grad_norm, rank_zero_only=True)
+        self.log("train/tokens_seen", float(self.tokens_seen), rank_zero_only=True)
+        self.log("train/batch_tokens", float(global_targets), rank_zero_only=True)
+        self.log("train/seq_len", float(seq_len), rank_zero_only=True)
+        self.log("train/step_time", time.perf_counter() - start, rank_zero_only=True)
         return loss
-
-    def clip_grad_norm(self) -> torch.Tensor:
-        """Global gradient norm, clipped to ``grad_clip`` when set."""
-        params = [p for p in self.parameters() if p.grad is not None]
-        max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -169,15 +216,16 @@ class LlamaLightningModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         tokens, doc_ids = batch["tokens"], batch["doc_ids"]
-        for micro in range(tokens.shape[0]):
-            self._val_sum += self.micro_batch_loss(tokens[micro], doc_ids[micro], 1.0).double()
-            self._val_count += tokens[micro, :, 1:].numel()
+        with self._loss_context():
+            for micro in range(tokens.shape[0]):
+                self._val_sum += as_local(self.micro_batch_loss(tokens[micro], doc_ids[micro], 1.0)).double()
+                self._val_count += tokens[micro, :, 1:].numel() / self._cp_size()
 
     def on_validation_epoch_end(self) -> None:
-        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
-        count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
+        total = self._sum_over_data(self._val_sum)
+        count = self._sum_over_data(self._val_count)
         name = "test/loss" if self.trainer.testing else "val/loss"
-        self.log(name, (total / count.clamp(min=1)).float(), prog_bar=True)
+        self.log(name, (total / count.clamp(min=1)).float(), prog_bar=True, rank_zero_only=True)
 
     def on_test_epoch_start(self) -> None:
         self.on_validation_epoch_start()
@@ -195,3 +243,27 @@ class LlamaLightningModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+
+
+def as_local(value: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (the loss under loss_parallel) as a plain tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def load_full_weights(model: Transformer, path: str | Path) -> None:
+    """Load a full state dict into ``model`` whatever its sharding (DTensor or plain)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"init_weights_path {path} does not exist; pass a state dict saved with torch.save")
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ConfigError(f"{path} lacks {len(missing)} model tensors (first: {missing[0]}); "
+                          "save the state dict of a model of the same shape")
+    state = {k: v for k, v in state.items() if k in own}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))

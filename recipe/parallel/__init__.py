@@ -1,0 +1,1 @@
+"""4D parallelism: one module per concern (mesh, tensor, context, pipeline, FSDP, clipping)."""

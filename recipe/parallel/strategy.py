@@ -1,0 +1,128 @@
+"""Lightning strategy for the paper's 4D layout: FSDP2 x tensor x context x pipeline.
+
+A subclass of Lightning's ``ModelParallelStrategy`` (which gives DCP checkpoints, meta-device
+init and the launchers) whose mesh is the five-axis one of ``recipe.parallel.mesh``.
+In YAML::
+
+    trainer:
+      strategy:
+        class_path: recipe.parallel.strategy.Parallel4DStrategy
+        init_args: {pp: 1, dp_replicate: 1, dp_shard: -1, cp: 2, tp: 2}
+
+The LightningModule asks the strategy for the views it needs: ``parallelize_model`` (TP,
+CP, FSDP in that order), ``data_parallel_rank/size`` for the token stream, and
+``reduce_over`` for sums over one mesh axis (token counts, losses).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.device_mesh import DeviceMesh
+
+from recipe.model import Transformer
+from recipe.parallel.mesh import ParallelDims
+
+ScheduleName = Literal["GPipe", "1F1B", "Interleaved1F1B"]
+
+
+class Parallel4DStrategy(ModelParallelStrategy):
+    def __init__(
+        self,
+        pp: int = 1,
+        dp_replicate: int = 1,
+        dp_shard: int = -1,
+        cp: int = 1,
+        tp: int = 1,
+        pp_schedule: ScheduleName = "1F1B",
+        pp_stages_per_rank: int = 1,
+        pp_first_last_fewer: bool = False,
+        loss_parallel: bool = True,
+        precision: Literal["fp32", "bf16"] = "fp32",
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = timedelta(minutes=30),
+    ) -> None:
+        """
+        Args:
+            pp, dp_replicate, dp_shard, cp, tp: sizes of the parallel axes; their product is
+                the world size (``dp_shard=-1``: the rest).
+            pp_schedule: pipeline schedule; ``Interleaved1F1B`` needs ``pp_stages_per_rank > 1``.
+            pp_stages_per_rank: virtual pipeline stages per rank (interleaving).
+            pp_first_last_fewer: one transformer layer fewer on the first and last stage, which
+                also carry the embedding and the output head (the paper's balance).
+            loss_parallel: cross-entropy on vocabulary shards under TP (never gathers logits).
+            precision: "fp32", or "bf16" parameters with fp32 gradient reduction (GPU).
+        """
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=tp,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timeout)
+        self.requested_dims = ParallelDims(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp)
+        self.dims: ParallelDims | None = None
+        self.pp_schedule = pp_schedule
+        self.pp_stages_per_rank = pp_stages_per_rank
+        self.pp_first_last_fewer = pp_first_last_fewer
+        self.loss_parallel = loss_parallel
+        self.param_precision = precision
+
+    # ------------------------------------------------------------------ environment
+
+    def setup_environment(self) -> None:
+        # ModelParallelStrategy would build its fixed 2-D (dp, tp) mesh here; build ours.
+        self._setup_distributed()
+        self.dims = self.requested_dims.resolved(self.world_size)
+        self._device_mesh = self.dims.build_mesh(self.root_device.type)
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+
+    def mesh_axis(self, name: str) -> DeviceMesh:
+        return self.device_mesh[name]
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.device_mesh["dp"].get_local_rank()
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.device_mesh["dp"].size()
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.data_parallel_size, "rank": self.data_parallel_rank}
+
+    def axis_size(self, name: str) -> int:
+        return self.device_mesh[name].size()
+
+    def reduce_over(self, tensor: torch.Tensor, axis: str, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        """All-reduce ``tensor`` over one mesh axis (or flattened view); a copy is returned."""
+        out = tensor.clone()
+        if self.axis_size(axis) > 1:
+            dist.all_reduce(out, op=op, group=self.device_mesh[axis].get_group())
+        return out
+
+    # ------------------------------------------------------------------ model
+
+    def parallelize_model(self, model: Transformer) -> Transformer:
+        """Apply TP, then CP, then FSDP to the (meta-device) model, as torchtitan orders them."""
+        from recipe.parallel.context import apply_context_parallel
+        from recipe.parallel.fsdp import apply_fsdp
+        from recipe.parallel.tensor import apply_tensor_parallel
+
+        assert self.dims is not None
+        a = model.args
+        self.dims.validate_model(a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.dim, self.pp_stages_per_rank)
+        if self.dims.tp > 1:
+            apply_tensor_parallel(model, self.device_mesh["tp"], loss_parallel=self.loss_parallel)
+        if self.dims.cp > 1:
+            apply_context_parallel(model, self.device_mesh["cp"])
+        if self.dims.dp_replicate > 1:
+            dp_mesh = self.device_mesh["dp_replicate", "dp_shard_cp"]
+        else:
+            dp_mesh = self.device_mesh["dp_shard_cp"]
+        if self.dims.dp_replicate * self.dims.dp_shard * self.dims.cp > 1 or self.param_precision != "fp32":
+            apply_fsdp(model, dp_mesh, precision=self.param_precision, reshard_after_forward=self.dims.pp == 1)
+        return model
