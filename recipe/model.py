@@ -11,6 +11,7 @@ why the embedding, final norm and output head may be ``None`` on stages that do 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -229,21 +230,9 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        depth = layer_id + 1 if args.depth_init else args.n_layers
-        self.out_init_std = args.init_std / math.sqrt(2 * depth)
-        self.init_std = args.init_std
-
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
-
-    def init_weights(self) -> None:
-        for norm in (self.attention_norm, self.ffn_norm):
-            norm.reset_parameters()
-        for lin in (self.attention.wq, self.attention.wk, self.attention.wv, self.feed_forward.w1):
-            nn.init.trunc_normal_(lin.weight, mean=0.0, std=self.init_std)
-        for lin in (self.attention.wo, self.feed_forward.w2, self.feed_forward.w3):
-            nn.init.trunc_normal_(lin.weight, mean=0.0, std=self.out_init_std)
 
 
 # ----------------------------------------------------------------------------- model
@@ -262,19 +251,22 @@ class Transformer(nn.Module):
         # Not persistent: derived from args, so checkpoints carry weights only.
         self.register_buffer("rope", rope_cache(args), persistent=False)
 
-    def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """(Re)initialise every parameter; call after ``to_empty`` when built on meta."""
+    def init_buffers(self, device: torch.device | None = None) -> None:
+        """Recompute the derived (non-persistent) RoPE table, e.g. after ``to_empty``."""
+        self.rope = rope_cache(self.args, device=device or self.rope.device)
+
+    def init_weights(self, buffer_device: torch.device | None = None,
+                     generator_for: Callable[[str], torch.Generator | None] | None = None) -> None:
+        """(Re)initialise every parameter; call after ``to_empty`` when built on meta.
+
+        ``generator_for(name)`` may give each parameter its own random stream (None: the
+        global one); the parallel code uses it to make the initial weights independent of
+        the layout.
+        """
+        self.init_buffers(buffer_device)
         with torch.no_grad():
-            self.rope = rope_cache(self.args, device=buffer_device or self.rope.device)
-            if self.tok_embeddings is not None:
-                nn.init.normal_(self.tok_embeddings.weight)
-            for layer in self.layers.values():
-                layer.init_weights()
-            if self.norm is not None:
-                self.norm.reset_parameters()
-            if self.output is not None:
-                std = self.args.dim ** -0.5
-                nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            for name, param in self.named_parameters():
+                init_parameter(self.args, name, param, generator_for(name) if generator_for else None)
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -303,6 +295,32 @@ class Transformer(nn.Module):
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h
+
+
+def init_parameter(args: ModelArgs, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """The initial value of parameter ``name`` (torchtitan's scheme), written into ``tensor``.
+
+    Embedding N(0, 1); output head truncated N(0, dim^-0.5); norms 1; the input projections
+    (wq, wk, wv, w1) truncated N(0, init_std); the projections that write into the residual
+    stream (wo, w2, w3) truncated N(0, init_std / sqrt(2 * (layer + 1))) with ``depth_init``.
+    """
+    parts = name.split(".")
+    if name.endswith("norm.weight"):
+        nn.init.ones_(tensor)
+    elif name == "tok_embeddings.weight":
+        nn.init.normal_(tensor, generator=generator)
+    elif name == "output.weight":
+        std = args.dim ** -0.5
+        nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
+    elif parts[0] == "layers" and parts[-1] == "weight":
+        if parts[-2] in ("wo", "w2", "w3"):
+            depth = int(parts[1]) + 1 if args.depth_init else args.n_layers
+            std = args.init_std / math.sqrt(2 * depth)
+        else:
+            std = args.init_std
+        nn.init.trunc_normal_(tensor, mean=0.0, std=std, generator=generator)
+    else:
+        raise ModelConfigError(f"no initialisation rule for parameter {name}")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -10,8 +10,10 @@ micro-batch count or data-parallel split.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from recipe.errors import ConfigError
-from recipe.model import ModelArgs, ModelConfigError, Transformer
+from recipe.model import ModelArgs, ModelConfigError, Transformer, init_parameter
 from recipe.parallel.clip import clip_grad_norm
 from recipe.parallel.fsdp import set_gradient_sync
 from recipe.schedule import LRSchedule
@@ -45,6 +47,7 @@ class LlamaLightningModule(L.LightningModule):
         grad_clip: float | None = 1.0,
         init_seed: int = 0,
         init_weights_path: str | None = None,
+        init_mode: Literal["replicable", "local"] = "replicable",
     ) -> None:
         """
         Args:
@@ -56,6 +59,10 @@ class LlamaLightningModule(L.LightningModule):
             init_weights_path: a full (unsharded) model state dict saved with ``torch.save``,
                 loaded after initialisation under any parallel layout - the same starting
                 weights whatever the layout.
+            init_mode: "replicable" draws every parameter in full from its own seeded stream
+                and shards it, so every parallel layout starts from the same weights as one
+                process (costs one full layer of host memory at a time); "local" draws each
+                shard on its own rank (fast for huge models, but layout-dependent).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -65,8 +72,10 @@ class LlamaLightningModule(L.LightningModule):
         self.grad_clip = grad_clip
         self.init_seed = init_seed
         self.init_weights_path = init_weights_path
+        self.init_mode = init_mode
         self.automatic_optimization = False
         self.model: Transformer | None = None
+        self.pipeline = None  # a PipelineRunner when the strategy splits the model into stages
         self.tokens_seen = 0
         self._val_sum = torch.zeros(())
         self._val_count = torch.zeros(())
@@ -79,15 +88,26 @@ class LlamaLightningModule(L.LightningModule):
         with torch.device("meta"):
             model = Transformer(self.arch)
         model = self.parallelize(model)
-        model.to_empty(device=self.device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.init_seed)
-            model.init_weights(buffer_device=self.device)
+        parallel = self._parallel()
+        # Under PP `model` is a container of this rank's stages, which own the buffers.
+        parts = [stage for _, stage in parallel.pipeline_stages] if parallel and parallel.pipeline_stages else [model]
+        for part in parts:
+            part.to_empty(device=self.device)
+            part.init_buffers(self.device)
+        if self.init_mode == "replicable":
+            replicable_init(model, self.init_seed)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.init_seed)
+                with torch.no_grad():
+                    for name, param in model.named_parameters():
+                        init_parameter(self.arch, name, param)
         if self.init_weights_path is not None:
             load_full_weights(model, self.init_weights_path)
         self.model = model
+        self.pipeline = parallel.pipeline_runner() if parallel is not None else None
 
-    def parallelize(self, model: Transformer) -> Transformer:
+    def parallelize(self, model: Transformer) -> torch.nn.Module:
         """Apply the strategy's parallelisms to the meta-device model (identity on one device)."""
         apply = getattr(self.trainer.strategy, "parallelize_model", None) if self._trainer else None
         return apply(model) if apply is not None else model
@@ -152,6 +172,35 @@ class LlamaLightningModule(L.LightningModule):
             return loss_parallel()
         return contextlib.nullcontext()
 
+    def _pp_group(self):
+        parallel = self._parallel()
+        return parallel.device_mesh["pp"].get_group() if parallel is not None and parallel.dims.pp > 1 else None
+
+    def _sum_over_pipeline(self, tensor: torch.Tensor) -> torch.Tensor:
+        parallel = self._parallel()
+        return parallel.reduce_over(tensor, "pp") if parallel is not None and parallel.dims.pp > 1 else tensor
+
+    def pipeline_pass(self, tokens: torch.Tensor, doc_ids: torch.Tensor, normalizer: float,
+                      train: bool) -> torch.Tensor | None:
+        """All micro-batches of a step through the pipeline schedule; the loss on the last stage.
+
+        tokens, doc_ids: ``[n_micro, micro_batch, seq_len + 1]``. Under context parallelism
+        the rows are cut into this rank's sequence shard first, and every stage gets the
+        shard's positions and mask instead of the document ids.
+        """
+        parallel = self._parallel()
+        n_micro = tokens.shape[0]
+        if parallel.dims.cp == 1:
+            run = self.pipeline.step if train else self.pipeline.evaluate
+            return run(tokens, doc_ids, normalizer)
+        from recipe.parallel.context import shard_for_context_parallel
+
+        rows, docs = tokens.flatten(0, 1), doc_ids.flatten(0, 1)
+        local = shard_for_context_parallel(rows[:, :-1], rows[:, 1:], docs[:, :-1], parallel.device_mesh["cp"])
+        positions = local["positions"].expand(rows.shape[0], -1)
+        run = self.pipeline.step_local if train else self.pipeline.evaluate_local
+        return run(local["tokens"], local["targets"], n_micro, normalizer, positions=positions, mask=local["mask"])
+
     def micro_batch_loss(self, tokens: torch.Tensor, doc_ids: torch.Tensor, normalizer: float) -> torch.Tensor:
         """Sum of next-token cross-entropies of one micro-batch, divided by ``normalizer``.
 
@@ -185,18 +234,26 @@ class LlamaLightningModule(L.LightningModule):
         n_micro = tokens.shape[0]
         loss_sum = torch.zeros((), device=self.device)
         with self._loss_context():
-            for micro in range(n_micro):
-                # Reduce-scatter gradients once per step, on the last micro-batch.
-                set_gradient_sync(list(self.model.modules()), micro == n_micro - 1)
-                loss = self.micro_batch_loss(tokens[micro], doc_ids[micro], global_targets)
-                self.manual_backward(loss)
-                loss_sum += as_local(loss.detach())
+            if self.pipeline is not None:
+                # The schedule runs every micro-batch's forward and backward (and defers the
+                # gradient reduce-scatter to the last one itself).
+                loss = self.pipeline_pass(tokens, doc_ids, global_targets, train=True)
+                if loss is not None:
+                    loss_sum += as_local(loss.detach())
+            else:
+                for micro in range(n_micro):
+                    # Reduce-scatter gradients once per step, on the last micro-batch.
+                    set_gradient_sync(list(self.model.modules()), micro == n_micro - 1)
+                    loss = self.micro_batch_loss(tokens[micro], doc_ids[micro], global_targets)
+                    self.manual_backward(loss)
+                    loss_sum += as_local(loss.detach())
 
-        grad_norm = clip_grad_norm(self.parameters(), self.grad_clip)
+        grad_norm = clip_grad_norm(self.parameters(), self.grad_clip, pp_group=self._pp_group())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        loss = self._sum_over_data(loss_sum)
+        # Only the last pipeline stage holds a loss (the others add zero).
+        loss = self._sum_over_pipeline(self._sum_over_data(loss_sum))
         self.tokens_seen += global_targets
         seq_len = tokens.shape[-1] - 1
         self.log("train/loss", loss, prog_bar=True, rank_zero_only=True)
@@ -216,13 +273,18 @@ class LlamaLightningModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         tokens, doc_ids = batch["tokens"], batch["doc_ids"]
+        self._val_count += tokens[..., 1:].numel() / self._cp_size()
         with self._loss_context():
+            if self.pipeline is not None:
+                loss = self.pipeline_pass(tokens, doc_ids, 1.0, train=False)
+                if loss is not None:
+                    self._val_sum += as_local(loss).double()
+                return
             for micro in range(tokens.shape[0]):
                 self._val_sum += as_local(self.micro_batch_loss(tokens[micro], doc_ids[micro], 1.0)).double()
-                self._val_count += tokens[micro, :, 1:].numel() / self._cp_size()
 
     def on_validation_epoch_end(self) -> None:
-        total = self._sum_over_data(self._val_sum)
+        total = self._sum_over_pipeline(self._sum_over_data(self._val_sum))
         count = self._sum_over_data(self._val_count)
         name = "test/loss" if self.trainer.testing else "val/loss"
         self.log(name, (total / count.clamp(min=1)).float(), prog_bar=True, rank_zero_only=True)
@@ -250,6 +312,33 @@ def as_local(value: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _parameter_seed(seed: int, name: str) -> int:
+    # A stable hash (Python's hash() is salted per process).
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little")
+
+
+def replicable_init(model: Transformer, seed: int) -> None:
+    """Initialise each parameter in full from a stream seeded by its name, then shard it.
+
+    Goes one unit (embedding, a block, norm, head) at a time so host memory holds at most
+    one full block. Works for plain and DTensor parameters alike.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    units: dict[str, dict[str, torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        unit = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+        full = torch.empty(param.shape, dtype=param.dtype)
+        init_parameter(model.args, name, full, torch.Generator().manual_seed(_parameter_seed(seed, name)))
+        units.setdefault(unit, {})[name] = full
+        if len(units) > 1:  # a unit is complete once the next one starts
+            first = next(iter(units))
+            set_model_state_dict(model, units.pop(first), options=StateDictOptions(full_state_dict=True, strict=False))
+    for state in units.values():
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def load_full_weights(model: Transformer, path: str | Path) -> None:

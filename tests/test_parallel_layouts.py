@@ -5,6 +5,7 @@ the same weights on the same data under each layout with the real Trainer, strat
 LightningModule. Per-step losses, gradient norms and the final parameters must match.
 """
 
+import os
 import sysconfig
 from pathlib import Path
 
@@ -23,13 +24,27 @@ ARCH = dict(dim=64, n_layers=4, n_heads=8, n_kv_heads=4, multiple_of=32, ffn_dim
 DATA = dict(seq_len=16, global_batch_size=8, micro_batch_size=2, val_batches=0, build_demo=False)
 STEPS = 3
 
+# World size -> layouts trained inside one world of that size (process start-up is the
+# expensive part, so each world size starts once).
 LAYOUTS = {
-    "fsdp4": dict(dp_shard=4),
-    "hsdp2x2": dict(dp_replicate=2, dp_shard=2),
-    "tp2_fsdp2": dict(tp=2, dp_shard=2),
-    "tp4_no_loss_parallel": dict(tp=4, dp_shard=1, loss_parallel=False),
-    "cp2_fsdp2": dict(cp=2, dp_shard=2),
-    "cp2_tp2": dict(cp=2, tp=2, dp_shard=1),
+    2: {
+        "dp2": dict(dp_replicate=2, dp_shard=1),
+        "fsdp2": dict(dp_shard=2),
+        "tp2": dict(tp=2, dp_shard=1),
+        "cp2": dict(cp=2, dp_shard=1),
+        "pp2_gpipe": dict(pp=2, dp_shard=1, pp_schedule="GPipe"),
+        "pp2_1f1b": dict(pp=2, dp_shard=1, pp_schedule="1F1B"),
+        "pp2_interleaved": dict(pp=2, dp_shard=1, pp_schedule="Interleaved1F1B", pp_stages_per_rank=2),
+    },
+    4: {
+        "hsdp2x2": dict(dp_replicate=2, dp_shard=2),
+        "fsdp2_tp2": dict(tp=2, dp_shard=2),
+        "tp4_no_loss_parallel": dict(tp=4, dp_shard=1, loss_parallel=False),
+        "pp2_fsdp2": dict(pp=2, dp_shard=2),
+        "cp2_tp2": dict(cp=2, tp=2, dp_shard=1),
+    },
+    8: {"pp2_cp2_tp2": dict(pp=2, cp=2, tp=2, dp_shard=1)},
+    16: {"4d_pp2_dp2_cp2_tp2": dict(pp=2, dp_shard=2, cp=2, tp=2)},
 }
 
 
@@ -50,9 +65,10 @@ class Recorder(L.Callback):
         self.grad_norms.append(float(trainer.callback_metrics["train/grad_norm"]))
 
 
-def make_module(init_path: Path | None) -> LlamaLightningModule:
+def make_module() -> LlamaLightningModule:
+    # Weights start equal under every layout through the module's replicable init.
     return LlamaLightningModule(
-        arch=ModelArgs(**ARCH), optimizer=OptimizerConfig(lr=1e-2), init_weights_path=str(init_path) if init_path else None,
+        arch=ModelArgs(**ARCH), optimizer=OptimizerConfig(lr=5e-4),
         lr_schedule=LRSchedule(warmup_steps=1, decay_steps=10, min_lr=1e-4), grad_clip=0.5,
     )
 
@@ -77,13 +93,14 @@ def fit(module, data_dir: Path, strategy="auto", devices: int = 1) -> Recorder:
     return recorder
 
 
-def _fit_layouts(data_dir: str, init_path: str, layouts: dict) -> dict:
+def _fit_layouts(data_dir: str, layouts: dict) -> dict:
     from recipe.parallel.strategy import Parallel4DStrategy
 
     results = {}
     for name, layout in layouts.items():
-        module = make_module(Path(init_path))
-        recorder = fit(module, Path(data_dir), strategy=Parallel4DStrategy(**layout), devices=4)
+        module = make_module()
+        recorder = fit(module, Path(data_dir), strategy=Parallel4DStrategy(**layout),
+                       devices=int(os.environ["WORLD_SIZE"]))
         results[name] = summary(module, recorder)
     return results
 
@@ -98,29 +115,36 @@ def setup(tmp_path_factory):
         (corpus / f"{name}.txt").write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
     data_dir = root / "shards"
     build_shards(corpus, data_dir, val_fraction=0.25)
-    init = make_module(None)
-    init.configure_model()
-    init_path = root / "init.pt"
-    torch.save(init.model.state_dict(), init_path)
-    reference = make_module(init_path)
+    reference = make_module()
     recorder = fit(reference, data_dir)
-    return data_dir, init_path, summary(reference, recorder)
+    return data_dir, summary(reference, recorder)
 
 
-def test_every_layout_matches_one_process(setup):
-    data_dir, init_path, ref = setup
+def merge_ranks(per_rank: list[dict]) -> dict:
+    """Rank 0's losses; parameters and gradients from every rank (pipeline ranks own different ones)."""
+    merged = {}
+    for name, got in per_rank[0].items():
+        merged[name] = {**got, "grads": {}, "params": {}}
+        for rank in per_rank:
+            merged[name]["grads"].update(rank[name]["grads"])
+            merged[name]["params"].update(rank[name]["params"])
+    return merged
+
+
+@pytest.mark.parametrize("world", sorted(LAYOUTS))
+def test_every_layout_matches_one_process(setup, world):
+    data_dir, ref = setup
     assert len(ref["losses"]) == STEPS and ref["losses"][-1] < ref["losses"][0]
-    results = run_world(_fit_layouts, 4, init_pg=False, data_dir=str(data_dir), init_path=str(init_path),
-                        layouts=LAYOUTS)[0]
-    for name, got in results.items():
+    per_rank = run_world(_fit_layouts, world, init_pg=False, data_dir=str(data_dir), layouts=LAYOUTS[world])
+    for name, got in merge_ranks(per_rank).items():
         assert got["losses"] == pytest.approx(ref["losses"], abs=1e-5, rel=0), name
-        assert got["grad_norms"] == pytest.approx(ref["grad_norms"], abs=1e-5, rel=1e-5), name
+        # The norm sums ~9M squared entries in a layout-dependent order; a wrong reduction
+        # (double-counted replicas, a missing shard) is off by percents, not 1e-4.
+        assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-4), name
         assert set(got["grads"]) == set(ref["grads"]), name
         for param, grad in ref["grads"].items():
             torch.testing.assert_close(got["grads"][param], grad, atol=1e-6, rtol=1e-5,
                                        msg=lambda m, p=param, n=name: f"{n}: grad of {p}: {m}")
-        # After three AdamW steps: Adam divides by the gradient's running RMS, which turns
-        # last-bit gradient differences of near-zero entries into visible update differences.
         for param, value in ref["params"].items():
-            torch.testing.assert_close(got["params"][param], value, atol=1e-4, rtol=1e-4,
+            torch.testing.assert_close(got["params"][param], value, atol=1e-5, rtol=0,
                                        msg=lambda m, p=param, n=name: f"{n}: {p}: {m}")

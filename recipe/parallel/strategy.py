@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from recipe.model import Transformer
@@ -68,6 +69,7 @@ class Parallel4DStrategy(ModelParallelStrategy):
         self.pp_first_last_fewer = pp_first_last_fewer
         self.loss_parallel = loss_parallel
         self.param_precision = precision
+        self.pipeline_stages: list[tuple[int, nn.Module]] = []
 
     # ------------------------------------------------------------------ environment
 
@@ -106,15 +108,33 @@ class Parallel4DStrategy(ModelParallelStrategy):
 
     # ------------------------------------------------------------------ model
 
-    def parallelize_model(self, model: Transformer) -> Transformer:
-        """Apply TP, then CP, then FSDP to the (meta-device) model, as torchtitan orders them."""
+    def parallelize_model(self, model: Transformer) -> nn.Module:
+        """Split into pipeline stages, then apply TP, CP and FSDP to each (torchtitan's order).
+
+        Without PP the model itself comes back; with PP a ``StageUnion`` of this rank's
+        stages (full-model parameter names), the stages being kept in ``pipeline_stages``.
+        """
+        from recipe.parallel.pipeline import StageUnion, build_stage_modules
+
+        assert self.dims is not None
+        a = model.args
+        self.dims.validate_model(a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.dim, self.pp_stages_per_rank)
+        if self.dims.pp == 1:
+            self._parallelize_stage(model)
+            return model
+        pp_rank = self.device_mesh["pp"].get_local_rank()
+        self.pipeline_stages = build_stage_modules(model, pp_rank, self.dims.pp, self.pp_stages_per_rank,
+                                                   self.pp_first_last_fewer)
+        for _, stage in self.pipeline_stages:
+            self._parallelize_stage(stage)
+        return StageUnion(self.pipeline_stages)
+
+    def _parallelize_stage(self, model: Transformer) -> None:
         from recipe.parallel.context import apply_context_parallel
         from recipe.parallel.fsdp import apply_fsdp
         from recipe.parallel.tensor import apply_tensor_parallel
 
         assert self.dims is not None
-        a = model.args
-        self.dims.validate_model(a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.dim, self.pp_stages_per_rank)
         if self.dims.tp > 1:
             apply_tensor_parallel(model, self.device_mesh["tp"], loss_parallel=self.loss_parallel)
         if self.dims.cp > 1:
@@ -125,4 +145,12 @@ class Parallel4DStrategy(ModelParallelStrategy):
             dp_mesh = self.device_mesh["dp_shard_cp"]
         if self.dims.dp_replicate * self.dims.dp_shard * self.dims.cp > 1 or self.param_precision != "fp32":
             apply_fsdp(model, dp_mesh, precision=self.param_precision, reshard_after_forward=self.dims.pp == 1)
-        return model
+
+    def pipeline_runner(self):
+        """The schedule runner over this rank's (materialised) stages; None without PP."""
+        from recipe.parallel.pipeline import PipelineRunner
+
+        if not self.pipeline_stages:
+            return None
+        return PipelineRunner(self.pipeline_stages, self.device_mesh["pp"], schedule=self.pp_schedule,
+                              device=self.root_device)
