@@ -190,15 +190,17 @@ class LlamaLightningModule(L.LightningModule):
         """
         parallel = self._parallel()
         n_micro = tokens.shape[0]
+        rows, docs = tokens.flatten(0, 1), doc_ids.flatten(0, 1)
+        run = self.pipeline.step_local if train else self.pipeline.evaluate_local
         if parallel.dims.cp == 1:
-            run = self.pipeline.step if train else self.pipeline.evaluate
-            return run(tokens, doc_ids, normalizer)
+            # Explicit positions: a later stage sees only hidden states, sequence-sharded
+            # under tensor parallelism, so it cannot infer the sequence length.
+            positions = torch.arange(rows.shape[1] - 1, device=rows.device).expand(rows.shape[0], -1)
+            return run(rows[:, :-1], rows[:, 1:], n_micro, normalizer, positions=positions, doc_ids=docs[:, :-1])
         from recipe.parallel.context import shard_for_context_parallel
 
-        rows, docs = tokens.flatten(0, 1), doc_ids.flatten(0, 1)
         local = shard_for_context_parallel(rows[:, :-1], rows[:, 1:], docs[:, :-1], parallel.device_mesh["cp"])
         positions = local["positions"].expand(rows.shape[0], -1)
-        run = self.pipeline.step_local if train else self.pipeline.evaluate_local
         return run(local["tokens"], local["targets"], n_micro, normalizer, positions=positions, mask=local["mask"])
 
     def micro_batch_loss(self, tokens: torch.Tensor, doc_ids: torch.Tensor, normalizer: float) -> torch.Tensor:

@@ -91,13 +91,19 @@ def run_world(fn: Callable[..., Any], world: int, timeout: float = 600, init_pg:
         if proc.is_alive():
             proc.kill()
             raise TimeoutError(f"{fn.__name__} on {world} ranks did not finish within {timeout} s")
-        results = []
+        results, failures = [], []
         for rank in range(world):
             path = Path(out) / f"rank{rank}.pkl"
             if not path.exists():
-                raise RuntimeError(f"rank {rank} of {fn.__name__} died without a result")
+                failures.append((rank, "died without a result"))
+                continue
             status, value = pickle.loads(path.read_bytes())
             if status != "ok":
-                raise RuntimeError(f"rank {rank} of {fn.__name__} failed:\n{value}")
+                failures.append((rank, value))
             results.append(value)
+        if failures:
+            # Show the root cause first: the other ranks only see their peer's connection drop.
+            failures.sort(key=lambda f: "Connection closed by peer" in f[1])
+            rank, message = failures[0]
+            raise RuntimeError(f"rank {rank} of {fn.__name__} failed ({len(failures)} of {world} ranks):\n{message}")
         return results

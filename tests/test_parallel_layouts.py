@@ -10,6 +10,7 @@ import sysconfig
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 import pytest
 import torch
 
@@ -84,24 +85,37 @@ def summary(module: LlamaLightningModule, recorder: "Recorder") -> dict:
             "params": full_tensors(dict(module.model.named_parameters()))}
 
 
-def fit(module, data_dir: Path, strategy="auto", devices: int = 1) -> Recorder:
+def fit(module, data_dir: Path, strategy="auto", devices: int = 1, max_steps: int = STEPS,
+        ckpt_dir: Path | None = None, ckpt_path: str | None = None) -> Recorder:
     recorder = Recorder()
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[recorder])
-    trainer.fit(module, datamodule=TokenDataModule(data_dir=str(data_dir), **DATA))
+    callbacks: list = [recorder]
+    if ckpt_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=max_steps, save_last=True))
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
+                        enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(module, datamodule=TokenDataModule(data_dir=str(data_dir), **DATA), ckpt_path=ckpt_path)
     return recorder
 
 
-def _fit_layouts(data_dir: str, layouts: dict) -> dict:
+def _fit_layouts(data_dir: str, layouts: dict, resume: dict | None = None) -> dict:
+    """Train each layout from scratch; with ``resume``, also save under one layout and resume under another."""
     from recipe.parallel.strategy import Parallel4DStrategy
 
+    world = int(os.environ["WORLD_SIZE"])
     results = {}
     for name, layout in layouts.items():
         module = make_module()
-        recorder = fit(module, Path(data_dir), strategy=Parallel4DStrategy(**layout),
-                       devices=int(os.environ["WORLD_SIZE"]))
+        recorder = fit(module, Path(data_dir), strategy=Parallel4DStrategy(**layout), devices=world)
         results[name] = summary(module, recorder)
+    if resume is not None:
+        ckpt_dir = Path(resume["ckpt_dir"])
+        fit(make_module(), Path(data_dir), strategy=Parallel4DStrategy(**resume["save"]), devices=world,
+            max_steps=STEPS - 1, ckpt_dir=ckpt_dir)
+        module = make_module()
+        recorder = fit(module, Path(data_dir), strategy=Parallel4DStrategy(**resume["load"]), devices=world,
+                       ckpt_path=str(ckpt_dir / "last.ckpt"))
+        results["resumed"] = summary(module, recorder)
     return results
 
 
@@ -148,3 +162,15 @@ def test_every_layout_matches_one_process(setup, world):
         for param, value in ref["params"].items():
             torch.testing.assert_close(got["params"][param], value, atol=1e-5, rtol=0,
                                        msg=lambda m, p=param, n=name: f"{n}: {p}: {m}")
+
+
+def test_checkpoint_resumes_under_another_layout(setup, tmp_path):
+    """Saved by FSDP over 4 ranks after step 2, resumed as pp2 x tp2: step 3 as if never stopped."""
+    data_dir, ref = setup
+    resume = {"save": dict(dp_shard=4), "load": dict(pp=2, tp=2, dp_shard=1), "ckpt_dir": str(tmp_path / "ckpt")}
+    got = merge_ranks(run_world(_fit_layouts, 4, init_pg=False, data_dir=str(data_dir), layouts={},
+                                resume=resume))["resumed"]
+    assert got["losses"] == pytest.approx(ref["losses"][STEPS - 1:], abs=1e-5, rel=0)
+    assert set(got["params"]) == set(ref["params"])
+    for param, value in ref["params"].items():
+        torch.testing.assert_close(got["params"][param], value, atol=1e-5, rtol=0, msg=lambda m, p=param: f"{p}: {m}")

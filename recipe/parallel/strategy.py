@@ -17,14 +17,18 @@ CP, FSDP in that order), ``data_parallel_rank/size`` for the token stream, and
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.optim import Optimizer
 
+from recipe.errors import ConfigError
 from recipe.model import Transformer
 from recipe.parallel.mesh import ParallelDims
 
@@ -154,3 +158,43 @@ class Parallel4DStrategy(ModelParallelStrategy):
             return None
         return PipelineRunner(self.pipeline_stages, self.device_mesh["pp"], schedule=self.pp_schedule,
                               device=self.root_device)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        # Flattened ("state.<param name>.exp_avg"): keyed by parameter name alone, so a
+        # checkpoint saved under one layout (pipeline split, sharding) loads under another.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        options = StateDictOptions(flatten_optimizer_state_dict=True, cpu_offload=True,
+                                   full_state_dict=not self._save_distributed_checkpoint)
+        return get_optimizer_state_dict(self.model, optimizer, options=options)
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a DCP checkpoint written under any layout into this one."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not (path / "meta.pt").is_file():
+            raise ConfigError(
+                f"{path} is not a distributed checkpoint of this recipe (no meta.pt); pass a checkpoint directory "
+                "written by the 4D strategy"
+            )
+        flat = StateDictOptions(flatten_optimizer_state_dict=True)
+        state: dict[str, Any] = {"state_dict": get_model_state_dict(self.model)}
+        for i, optimizer in enumerate(self.optimizers):
+            state[f"optimizer_{i}"] = get_optimizer_state_dict(self.model, optimizer, options=flat)
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(self.model, state["state_dict"], options=StateDictOptions(strict=True))
+        for i, optimizer in enumerate(self.optimizers):
+            set_optimizer_state_dict(self.model, optimizer, state[f"optimizer_{i}"], options=flat)
+        return torch.load(path / "meta.pt", weights_only=False if weights_only is None else weights_only)
