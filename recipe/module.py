@@ -123,9 +123,16 @@ class LlamaLightningModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._check_data_matches_model()
+        self._check_batch_layout(getattr(self.trainer.datamodule, "global_batch_size", None))
 
     def on_validation_start(self) -> None:
         self._check_data_matches_model()
+        self._check_batch_layout(getattr(self.trainer.datamodule, "val_batch_size", None))
+
+    def _check_batch_layout(self, batch_size: int | None) -> None:
+        dm, parallel = self.trainer.datamodule, self._parallel()
+        if parallel is not None and batch_size is not None:
+            parallel.validate_batch_layout(dm.seq_len, batch_size, dm.micro_batch_size)
 
     def _check_data_matches_model(self) -> None:
         dm = self.trainer.datamodule

@@ -171,3 +171,12 @@ def test_sequence_longer_than_model_is_rejected(tmp_path, data_dir, capsys):
     config = write_config(tmp_path, data_dir, "long", max_steps=1)
     assert main(["fit", "--config", str(config), "--data.seq_len", "128"]) == 2
     assert "max_seq_len" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", sorted(str(p) for p in Path("configs").rglob("*.yaml")))
+def test_every_config_parses(config, capsys):
+    """Each shipped YAML validates against the CLI's signatures (class paths, keys, types)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "model:" in capsys.readouterr().out

@@ -91,6 +91,23 @@ class ParallelDims:
                 f"({micro_batch_size}) = {self.dp * micro_batch_size}"
             )
 
+    def validate_pipeline(self, n_microbatches: int, schedule: str, stages_per_rank: int) -> None:
+        """Micro-batch counts the pipeline schedules can take (checked before the first step)."""
+        if self.pp == 1:
+            return
+        stages = self.pp * stages_per_rank
+        if schedule.lower() != "gpipe" and n_microbatches < self.pp:
+            raise ConfigError(
+                f"pipeline schedule {schedule} needs at least pp={self.pp} micro-batches per step, got "
+                f"{n_microbatches} (global_batch_size / dp / micro_batch_size); raise global_batch_size or lower "
+                "micro_batch_size"
+            )
+        if stages_per_rank > 1 and n_microbatches % self.pp:
+            raise ConfigError(
+                f"interleaved schedule {schedule} with {stages} stages needs a micro-batch count divisible by "
+                f"pp={self.pp}, got {n_microbatches}; adjust global_batch_size or micro_batch_size"
+            )
+
     def build_mesh(self, device_type: str = "cpu") -> DeviceMesh:
         """The 5-D mesh with the flattened views described in the module docstring."""
         shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)

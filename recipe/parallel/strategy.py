@@ -47,6 +47,8 @@ class Parallel4DStrategy(ModelParallelStrategy):
         pp_stages_per_rank: int = 1,
         pp_first_last_fewer: bool = False,
         loss_parallel: bool = True,
+        activation_checkpointing: Literal["none", "full", "selective"] = "none",
+        activation_checkpointing_every_n: int = 2,
         precision: Literal["fp32", "bf16"] = "fp32",
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
@@ -61,6 +63,8 @@ class Parallel4DStrategy(ModelParallelStrategy):
             pp_first_last_fewer: one transformer layer fewer on the first and last stage, which
                 also carry the embedding and the output head (the paper's balance).
             loss_parallel: cross-entropy on vocabulary shards under TP (never gathers logits).
+            activation_checkpointing: recompute block activations in backward: "full" (every
+                block) or "selective" (every ``activation_checkpointing_every_n``-th block).
             precision: "fp32", or "bf16" parameters with fp32 gradient reduction (GPU).
         """
         super().__init__(data_parallel_size="auto", tensor_parallel_size=tp,
@@ -72,6 +76,8 @@ class Parallel4DStrategy(ModelParallelStrategy):
         self.pp_stages_per_rank = pp_stages_per_rank
         self.pp_first_last_fewer = pp_first_last_fewer
         self.loss_parallel = loss_parallel
+        self.activation_checkpointing = activation_checkpointing
+        self.activation_checkpointing_every_n = activation_checkpointing_every_n
         self.param_precision = precision
         self.pipeline_stages: list[tuple[int, nn.Module]] = []
 
@@ -110,6 +116,13 @@ class Parallel4DStrategy(ModelParallelStrategy):
             dist.all_reduce(out, op=op, group=self.device_mesh[axis].get_group())
         return out
 
+    def validate_batch_layout(self, seq_len: int, batch_size: int, micro_batch_size: int) -> None:
+        """One-line errors for a batch the layout cannot cut, before any step runs."""
+        assert self.dims is not None
+        self.dims.validate_batch(seq_len, batch_size, micro_batch_size)
+        n_micro = batch_size // self.dims.dp // micro_batch_size
+        self.dims.validate_pipeline(n_micro, self.pp_schedule, self.pp_stages_per_rank)
+
     # ------------------------------------------------------------------ model
 
     def parallelize_model(self, model: Transformer) -> nn.Module:
@@ -134,6 +147,7 @@ class Parallel4DStrategy(ModelParallelStrategy):
         return StageUnion(self.pipeline_stages)
 
     def _parallelize_stage(self, model: Transformer) -> None:
+        from recipe.parallel.activation_checkpoint import apply_activation_checkpointing
         from recipe.parallel.context import apply_context_parallel
         from recipe.parallel.fsdp import apply_fsdp
         from recipe.parallel.tensor import apply_tensor_parallel
@@ -143,6 +157,7 @@ class Parallel4DStrategy(ModelParallelStrategy):
             apply_tensor_parallel(model, self.device_mesh["tp"], loss_parallel=self.loss_parallel)
         if self.dims.cp > 1:
             apply_context_parallel(model, self.device_mesh["cp"])
+        apply_activation_checkpointing(model, self.activation_checkpointing, self.activation_checkpointing_every_n)
         if self.dims.dp_replicate > 1:
             dp_mesh = self.device_mesh["dp_replicate", "dp_shard_cp"]
         else:
