@@ -123,16 +123,21 @@ class LlamaLightningModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._check_data_matches_model()
-        self._check_batch_layout(getattr(self.trainer.datamodule, "global_batch_size", None))
+        dm = self.trainer.datamodule
+        if getattr(dm, "batch_schedule", None) is None and hasattr(dm, "global_batch_size"):
+            self.check_batch_layout(dm.global_batch_size, dm.seq_len)
 
     def on_validation_start(self) -> None:
         self._check_data_matches_model()
-        self._check_batch_layout(getattr(self.trainer.datamodule, "val_batch_size", None))
+        dm = self.trainer.datamodule
+        if hasattr(dm, "val_batch_size"):
+            self.check_batch_layout(dm.val_batch_size, dm.seq_len)
 
-    def _check_batch_layout(self, batch_size: int | None) -> None:
+    def check_batch_layout(self, batch_size: int, seq_len: int) -> None:
+        """One-line error when the parallel layout cannot cut such a batch (before any step)."""
         dm, parallel = self.trainer.datamodule, self._parallel()
-        if parallel is not None and batch_size is not None:
-            parallel.validate_batch_layout(dm.seq_len, batch_size, dm.micro_batch_size)
+        if parallel is not None:
+            parallel.validate_batch_layout(seq_len, batch_size, dm.micro_batch_size)
 
     def _check_data_matches_model(self) -> None:
         dm = self.trainer.datamodule

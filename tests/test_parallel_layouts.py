@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import pytest
 import torch
 
+from callbacks.batch_ramp import BatchSizeRamp, RampStage
 from dist_harness import run_world
 from recipe.data.build import build_shards
 from recipe.data.datamodule import TokenDataModule
@@ -24,6 +25,8 @@ from recipe.schedule import LRSchedule
 ARCH = dict(dim=64, n_layers=4, n_heads=8, n_kv_heads=4, multiple_of=32, ffn_dim_multiplier=None, max_seq_len=64)
 DATA = dict(seq_len=16, global_batch_size=8, micro_batch_size=2, val_batches=0, build_demo=False)
 STEPS = 3
+# 128-token steps of 16-token sequences, then (from 256 tokens on) 256-token steps of 32.
+RAMP = [RampStage(0, 128, 16), RampStage(256, 256, 32)]
 
 # World size -> layouts trained inside one world of that size (process start-up is the
 # expensive part, so each world size starts once).
@@ -37,6 +40,9 @@ LAYOUTS = {
         "pp2_gpipe": dict(pp=2, dp_shard=1, pp_schedule="GPipe"),
         "pp2_1f1b": dict(pp=2, dp_shard=1, pp_schedule="1F1B"),
         "pp2_interleaved": dict(pp=2, dp_shard=1, pp_schedule="Interleaved1F1B", pp_stages_per_rank=2),
+        # The batch-size ramp changes batch tokens, sequence length and micro-batch count mid-run.
+        "fsdp2_ramp": dict(dp_shard=2, ramp=True),
+        "pp2_1f1b_ramp": dict(pp=2, dp_shard=1, pp_schedule="1F1B", ramp=True),
     },
     4: {
         "hsdp2x2": dict(dp_replicate=2, dp_shard=2),
@@ -87,9 +93,11 @@ def summary(module: LlamaLightningModule, recorder: "Recorder") -> dict:
 
 
 def fit(module, data_dir: Path, strategy="auto", devices: int = 1, max_steps: int = STEPS,
-        ckpt_dir: Path | None = None, ckpt_path: str | None = None) -> Recorder:
+        ckpt_dir: Path | None = None, ckpt_path: str | None = None, ramp: bool = False) -> Recorder:
     recorder = Recorder()
     callbacks: list = [recorder]
+    if ramp:
+        callbacks.append(BatchSizeRamp(RAMP))
     if ckpt_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=max_steps, save_last=True))
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
@@ -106,8 +114,10 @@ def _fit_layouts(data_dir: str, layouts: dict, resume: dict | None = None) -> di
     world = int(os.environ["WORLD_SIZE"])
     results = {}
     for name, layout in layouts.items():
+        layout = dict(layout)
+        ramp = layout.pop("ramp", False)
         module = make_module()
-        recorder = fit(module, Path(data_dir), strategy=Parallel4DStrategy(**layout), devices=world)
+        recorder = fit(module, Path(data_dir), strategy=Parallel4DStrategy(**layout), devices=world, ramp=ramp)
         results[name] = summary(module, recorder)
     if resume is not None:
         ckpt_dir = Path(resume["ckpt_dir"])
@@ -138,6 +148,8 @@ def setup(tmp_path_factory):
     # The comparison is only meaningful if training moved the weights.
     moved = max((ref["params"][n] - p).abs().max().item() for n, p in initial.model.named_parameters())
     assert len(ref["losses"]) == STEPS and moved > 1e-4
+    ramped = make_module()
+    ref["ramp"] = summary(ramped, fit(ramped, data_dir, ramp=True))
     return data_dir, ref
 
 
@@ -154,9 +166,10 @@ def merge_ranks(per_rank: list[dict]) -> dict:
 
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
 def test_every_layout_matches_one_process(setup, world):
-    data_dir, ref = setup
+    data_dir, reference = setup
     per_rank = run_world(_fit_layouts, world, init_pg=False, data_dir=str(data_dir), layouts=LAYOUTS[world])
     for name, got in merge_ranks(per_rank).items():
+        ref = reference["ramp"] if LAYOUTS[world][name].get("ramp") else reference
         assert got["losses"] == pytest.approx(ref["losses"], abs=1e-5, rel=0), name
         # The norm sums ~9M squared entries in a layout-dependent order; a wrong reduction
         # (double-counted replicas, a missing shard) is off by percents, not 1e-4.

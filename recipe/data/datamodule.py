@@ -68,6 +68,8 @@ class TokenDataModule(L.LightningDataModule):
         self.build_demo = build_demo
         self.num_workers = num_workers
         self.position = 0  # global token offset of the next training step
+        # Set by a batch-size ramp / context-length callback: position -> (global batch, seq_len).
+        self.batch_schedule = None
         self.train_set: ShardSet | None = None
         self.val_set: ShardSet | None = None
 
@@ -140,6 +142,7 @@ class TokenDataModule(L.LightningDataModule):
         return TokenStream(
             self.train_set, self.seq_len, self.global_batch_size, self.micro_batch_size,
             dp_rank=self.dp_rank, dp_size=self.dp_size, start_position=self.position,
+            batch_schedule=self.batch_schedule,
         )  # fmt: skip
 
     def val_stream(self) -> TokenStream:

@@ -17,7 +17,7 @@ resumes under another: restart with ``start_position`` = the saved position.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -75,6 +75,7 @@ class TokenStream(IterableDataset):
         dp_size: int = 1,
         start_position: int = 0,
         num_steps: int | None = None,
+        batch_schedule: Callable[[int], tuple[int, int]] | None = None,
     ) -> None:
         super().__init__()
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet(shards)
@@ -97,37 +98,66 @@ class TokenStream(IterableDataset):
         self.dp_rank, self.dp_size = int(dp_rank), int(dp_size)
         self.start_position = int(start_position)
         self.num_steps = num_steps
-        # Index of sample k's tokens inside this rank's window: k*L + [0, L].
-        self._gather = (np.arange(self.local)[:, None] * self.seq_len + np.arange(self.seq_len + 1)[None, :]).astype(
-            np.int64
-        )
+        # (global_batch_size, seq_len) of the step starting at a position: a batch-size ramp
+        # or context-length stage plugs in here. A pure function of the position, so a
+        # resumed (or prefetched) stream cuts exactly the same batches.
+        self.batch_schedule = batch_schedule
+        self._gathers: dict[tuple[int, int], np.ndarray] = {}
+
+    def layout_at(self, position: int) -> tuple[int, int]:
+        """``(global_batch_size, seq_len)`` of the step that starts at ``position``."""
+        if self.batch_schedule is None:
+            return self.global_batch_size, self.seq_len
+        return self.batch_schedule(position)
+
+    def step_tokens(self, position: int) -> int:
+        """Global tokens consumed by the step that starts at ``position`` (all ranks together)."""
+        batch, seq_len = self.layout_at(position)
+        return batch * seq_len
 
     @property
     def tokens_per_step(self) -> int:
-        """Global tokens consumed by one optimizer step (all ranks together)."""
+        """Global tokens per step without a batch schedule."""
         return self.global_batch_size * self.seq_len
 
     def position_of_step(self, step: int) -> int:
         """Global token offset where step ``step`` (counted from ``start_position``) starts."""
-        return self.start_position + step * self.tokens_per_step
+        position = self.start_position
+        for _ in range(step):
+            position += self.step_tokens(position)
+        return position
+
+    def _gather(self, local: int, seq_len: int) -> np.ndarray:
+        # Index of sample k's tokens inside this rank's window: k*L + [0, L].
+        key = (local, seq_len)
+        if key not in self._gathers:
+            self._gathers[key] = (np.arange(local)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]).astype(np.int64)
+        return self._gathers[key]
 
     def step_batch(self, position: int) -> dict[str, torch.Tensor]:
         """This rank's part of the step that starts at global offset ``position``."""
-        L = self.seq_len
-        first = position + self.dp_rank * self.local * L
+        batch, L = self.layout_at(position)
+        local = self.local if self.batch_schedule is None else check_batch_layout(batch, self.micro_batch_size,
+                                                                                 self.dp_size)
+        first = position + self.dp_rank * local * L
         # One contiguous read covers all of this rank's samples (they overlap by one token).
-        tokens, doc_ids = self.shards.window(first, self.local * L + 1)
-        shape = (self.local // self.micro_batch_size, self.micro_batch_size, L + 1)
+        tokens, doc_ids = self.shards.window(first, local * L + 1)
+        shape = (local // self.micro_batch_size, self.micro_batch_size, L + 1)
+        gather = self._gather(local, L)
         return {
-            "tokens": torch.from_numpy(tokens[self._gather].reshape(shape)),
-            "doc_ids": torch.from_numpy(doc_ids[self._gather].reshape(shape)),
+            "tokens": torch.from_numpy(tokens[gather].reshape(shape)),
+            "doc_ids": torch.from_numpy(doc_ids[gather].reshape(shape)),
             "position": torch.tensor(position, dtype=torch.long),
-            "next_position": torch.tensor(position + self.tokens_per_step, dtype=torch.long),
+            "next_position": torch.tensor(position + batch * L, dtype=torch.long),
         }
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = get_worker_info()
-        step, stride = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        first, stride = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        step, position = 0, self.start_position
         while self.num_steps is None or step < self.num_steps:
-            yield self.step_batch(self.position_of_step(step))
-            step += stride
+            # Every worker walks all positions (steps may differ in size) and cuts its own.
+            if step % stride == first:
+                yield self.step_batch(position)
+            position += self.step_tokens(position)
+            step += 1
