@@ -77,6 +77,9 @@ class LlamaLightningModule(L.LightningModule):
         self.model: Transformer | None = None
         self.pipeline = None  # a PipelineRunner when the strategy splits the model into stages
         self.tokens_seen = 0
+        # Knob for recipe callbacks: (tokens_seen, scheduled lr) -> lr of the coming step.
+        self.lr_override = None
+        self.phase = 0  # 0 main training, 1 annealing (set by the annealing callback)
         self._val_sum = torch.zeros(())
         self._val_count = torch.zeros(())
 
@@ -242,6 +245,8 @@ class LlamaLightningModule(L.LightningModule):
         local_targets = tokens[..., 1:].numel() / self._cp_size()
         global_targets = int(self._sum_over_data(torch.tensor(local_targets)).item())
         lr = self.lr_schedule.lr_at(self.trainer.global_step, self.optim_config.lr)
+        if self.lr_override is not None:  # set by a recipe phase (annealing) for this step
+            lr = self.lr_override(self.tokens_seen, lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
@@ -272,6 +277,7 @@ class LlamaLightningModule(L.LightningModule):
         seq_len = tokens.shape[-1] - 1
         self.log("train/loss", loss, prog_bar=True, rank_zero_only=True)
         self.log("train/lr", lr, rank_zero_only=True)
+        self.log("train/phase", float(self.phase), rank_zero_only=True)
         self.log("train/grad_norm", grad_norm, rank_zero_only=True)
         self.log("train/tokens_seen", float(self.tokens_seen), rank_zero_only=True)
         self.log("train/batch_tokens", float(global_targets), rank_zero_only=True)

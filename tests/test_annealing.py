@@ -1,0 +1,90 @@
+"""LR annealing to zero over the last tokens of the run: schedule, phase, stop, exact resume."""
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+import yaml
+
+from callbacks.annealing import LRAnnealing
+from recipe.cli import main
+from recipe.data.build import build_shards
+from recipe.errors import ConfigError
+
+
+def test_paper_annealing_schedule():
+    anneal = LRAnnealing(total_tokens=15_600_000_000_000, anneal_tokens=40_000_000)
+    start = anneal.anneal_start
+    assert anneal.lr(start - 1, 8e-7) == 8e-7  # the main schedule until the last 40M tokens
+    assert anneal.lr(start, 8e-7) == 8e-7
+    assert anneal.lr(start + 20_000_000, 1.0) == pytest.approx(4e-7)  # linear in tokens, from the start LR
+    assert anneal.lr(anneal.total_tokens, 1.0) == 0.0  # exactly zero at the end
+
+
+def test_annealing_longer_than_the_run_is_rejected():
+    with pytest.raises(ConfigError, match="longer than the run") as err:
+        LRAnnealing(total_tokens=10, anneal_tokens=20)
+    assert "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("anneal")
+    corpus = root / "text"
+    corpus.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ["textwrap.py", "fnmatch.py", "bisect.py"]:
+        (corpus / f"{name}.txt").write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
+    build_shards(corpus, root / "shards", val_fraction=0.3)
+    return root / "shards"
+
+
+def config(tmp_path: Path, data_dir: Path, run: str, max_steps: int) -> Path:
+    cfg = {
+        "seed_everything": 5,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "val_check_interval": 100,
+            "check_val_every_n_epoch": None, "num_sanity_val_steps": 0, "log_every_n_steps": 1,
+            "enable_progress_bar": False, "enable_model_summary": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(tmp_path / run), "name": "", "version": "v"}},
+            "callbacks": [
+                # 6 steps of 64 tokens; the last 3 anneal.
+                {"class_path": "callbacks.annealing.LRAnnealing",
+                 "init_args": {"total_tokens": 384, "anneal_tokens": 192}},
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(tmp_path / run / "ckpt"), "every_n_train_steps": 1,
+                               "save_last": True, "save_top_k": -1}},
+            ],
+        },
+        "model": {"arch": {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 16,
+                           "ffn_dim_multiplier": None, "max_seq_len": 64},
+                  "optimizer": {"lr": 3e-3}, "lr_schedule": {"warmup_steps": 2, "decay_steps": 100, "min_lr": 0.0}},
+        "data": {"data_dir": str(data_dir), "build_demo": False, "seq_len": 16, "global_batch_size": 4,
+                 "micro_batch_size": 2, "val_batches": 1},
+    }
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_annealing_run_stops_at_zero_and_resumes_exactly(tmp_path, data_dir):
+    from test_training import read_scalars
+
+    # max_steps is larger than the run: annealing ends it at total_tokens.
+    assert main(["fit", "--config", str(config(tmp_path, data_dir, "straight", 50))]) == 0
+    a = read_scalars(tmp_path / "straight")
+    assert sorted(a["train/loss"]) == list(range(6))
+    assert [a["train/phase"][s] for s in range(6)] == [0, 0, 0, 1, 1, 1]
+    start = a["train/lr"][3]
+    assert start > 0
+    assert [a["train/lr"][s] for s in (4, 5)] == pytest.approx([start * 2 / 3, start / 3], rel=1e-6)
+
+    cut = config(tmp_path, data_dir, "resumed", 4)  # stopped inside the annealing phase
+    assert main(["fit", "--config", str(cut)]) == 0
+    assert main(["fit", "--config", str(cut), "--trainer.max_steps", "50", "--ckpt_path", "last"]) == 0
+    b = read_scalars(tmp_path / "resumed")
+    assert sorted(b["train/loss"]) == list(range(6))
+    for step in range(6):
+        assert b["train/loss"][step] == pytest.approx(a["train/loss"][step], abs=1e-6, rel=0), step
+        assert b["train/lr"][step] == pytest.approx(a["train/lr"][step], rel=1e-7), step
