@@ -74,7 +74,8 @@ def _uses_dcp(trainer: L.Trainer) -> bool:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     strategy = trainer.strategy
-    return isinstance(strategy, ModelParallelStrategy) and bool(getattr(strategy, "_save_distributed_checkpoint", False))
+    return isinstance(strategy, ModelParallelStrategy) and bool(getattr(strategy, "_save_distributed_checkpoint",
+                                                                           False))
 
 
 class WeightAveraging(L.Callback):
@@ -259,7 +260,7 @@ class WeightAveraging(L.Callback):
         Called by a strategy before its ``dcp.load``; the strategy loads the keys the
         checkpoint holds into these tensors and ``on_load_checkpoint`` adopts them.
         """
-        params = self._parameters(pl_module.trainer if pl_module._trainer is not None else None, pl_module)
+        params = self._parameters(getattr(pl_module, "_trainer", None), pl_module)
         self._dcp_targets = {n: _like(p, torch.zeros_like(_local(p), dtype=torch.float32)) for n, p in params.items()}
         return {self.prefix + n: t for n, t in self._dcp_targets.items()}
 
@@ -289,10 +290,10 @@ class WeightAveraging(L.Callback):
     # ------------------------------------------------------------------ export
 
     def full_state_dict(self, trainer: L.Trainer | None, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
-        """The averaged model as full CPU tensors by parameter name, complete on global rank 0.
+        """The averaged model as full CPU tensors by parameter name on global rank 0 ({} elsewhere).
 
-        A collective: every rank must call it. Under pipeline parallelism the stages' tensors
-        are sent to rank 0; other ranks get what they hold themselves.
+        A collective: every rank must call it. Each DTensor is gathered over its own mesh;
+        under pipeline parallelism the other stages then send theirs to rank 0.
         """
         params = self._parameters(trainer, pl_module)
         self._materialize(params)
@@ -320,18 +321,17 @@ class WeightAveraging(L.Callback):
             if rank == 0:
                 for part in gathered:  # type: ignore[union-attr]
                     full.update(part)
-        return full
+        return full if rank == 0 else {}
 
     def save(self, path: str | Path, trainer: L.Trainer | None, pl_module: L.LightningModule) -> None:
         """Write the averaged model as a full state dict (``torch.save``, global rank 0). Collective."""
         state = self.full_state_dict(trainer, pl_module)
         model = self._model(pl_module)
         if not dist.is_initialized() or dist.get_rank() == 0:
-            # Persistent buffers (none in Llama: RoPE is derived) come from the model as they are.
-            for name, buffer in model.named_buffers():
-                name = _clean(name)
-                if name not in state and name in model.state_dict():
-                    state[name] = _full(buffer)
+            # Persistent buffers, as they are (Llama has none: its RoPE table is not persistent).
+            for name, tensor in model.state_dict().items():
+                if _clean(name) not in state and not isinstance(tensor, DTensor):
+                    state[_clean(name)] = tensor.detach().to("cpu", copy=True)
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, path)
@@ -370,8 +370,8 @@ class PolyakAveraging(WeightAveraging):
     """Arithmetic mean of the weights sampled once training passes a point (the paper's annealing average).
 
     Args:
-        start_tokens: sample after every step that ends with ``tokens_seen`` beyond this count
-            (steps that trained on tokens past the mark, e.g. the annealing phase).
+        start_tokens: average the weights made by every step that starts with ``tokens_seen``
+            at or past this count: with ``LRAnnealing.anneal_start``, exactly the annealing steps.
         start_step: or from this optimizer step on (``global_step`` after it, inclusive).
             Averaging starts when either mark is passed; with neither, from the first step.
             Both may be set while training runs (the annealing callback sets ``start_step``).
@@ -387,12 +387,17 @@ class PolyakAveraging(WeightAveraging):
         self.start_tokens = start_tokens
         self.start_step = start_step
         self.save_path = save_path
+        self._tokens_at_step_start = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._tokens_at_step_start = int(getattr(pl_module, "tokens_seen", 0))
 
     def _started(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         if self.start_tokens is None and self.start_step is None:
             return True
         by_step = self.start_step is not None and trainer.global_step >= self.start_step
-        by_tokens = self.start_tokens is not None and int(getattr(pl_module, "tokens_seen", 0)) > self.start_tokens
+        by_tokens = self.start_tokens is not None and self._tokens_at_step_start >= self.start_tokens
         return by_step or by_tokens
 
     def _blend(self, averages: list[torch.Tensor], samples: list[torch.Tensor]) -> None:

@@ -22,10 +22,11 @@ from recipe.data.build import build_shards
 from recipe.data.datamodule import TokenDataModule
 from recipe.errors import ConfigError
 from recipe.model import ModelArgs, Transformer
+from recipe.parallel.strategy import Parallel4DStrategy
 from recipe.module import LlamaLightningModule, OptimizerConfig
 from recipe.schedule import LRSchedule
 
-ARCH = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, multiple_of=32, ffn_dim_multiplier=None, max_seq_len=64)
+ARCH = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, ffn_dim_multiplier=None, max_seq_len=64)
 DATA = dict(seq_len=16, global_batch_size=4, micro_batch_size=2, val_batches=1, build_demo=False)
 STEPS = 4
 POLYAK_START = 2  # the average of the weights after steps 2, 3 and 4
@@ -89,7 +90,8 @@ def fit(module, data_dir: Path, callbacks: list, strategy="auto", devices: int =
                         enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=None if validate else 0, val_check_interval=VAL_AT,
                         check_val_every_n_epoch=None, callbacks=callbacks)
-    trainer.fit(module, datamodule=TokenDataModule(data_dir=str(data_dir), **DATA), ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=TokenDataModule(data_dir=str(data_dir), **DATA), ckpt_path=ckpt_path,
+                weights_only=False if ckpt_path else None)
     return trainer
 
 
@@ -189,75 +191,71 @@ def test_options_are_checked():
         PolyakAveraging(every_n_steps=0)
 
 
-def test_start_tokens_and_every_n_steps(reference):
-    """Started by tokens (steps that trained past the mark), sampled every 2nd step."""
+@pytest.mark.parametrize("offset,sampled", [(0, [2, 4]), (1, [3])])
+def test_start_tokens_and_every_n_steps(reference, offset, sampled):
+    """Started by tokens - the steps that *start* at or past the mark (the annealed steps,
+    with ``LRAnnealing.anneal_start``), not a step that merely crosses it - sampled every 2nd step."""
     snaps = reference["recorder"].after_step
     tokens_per_step = DATA["global_batch_size"] * DATA["seq_len"]
-    polyak = PolyakAveraging(start_tokens=tokens_per_step, every_n_steps=2)  # passed after step 2
+    polyak = PolyakAveraging(start_tokens=tokens_per_step + offset, every_n_steps=2)
     module = make_module()
     module.configure_model()
 
-    class Stub:  # the two things the hook reads
+    class Stub:  # what the hooks read from the trainer
         global_step = 0
         strategy = None
 
     trainer = Stub()
     for step in range(1, STEPS + 1):
-        with torch.no_grad():
+        trainer.global_step, module.tokens_seen = step - 1, (step - 1) * tokens_per_step
+        polyak.on_train_batch_start(trainer, module, None, step - 1)
+        with torch.no_grad():  # "train" the step: its weights are the reference run's
             for name, p in module.model.named_parameters():
                 p.copy_(snaps[step][name])
         trainer.global_step, module.tokens_seen = step, step * tokens_per_step
         polyak.on_train_batch_end(trainer, module, None, None, step - 1)
-    assert polyak.first_step == 2 and polyak.count == 2  # steps 2 and 4
-    mean = {n: (snaps[2][n] + snaps[4][n]) / 2 for n in snaps[1]}
-    assert_all_close({n: t for n, t in polyak.averages.items()}, mean, 1e-6, "every 2nd step")
+    assert polyak.first_step == sampled[0] and polyak.count == len(sampled)
+    mean = {n: torch.stack([snaps[s][n] for s in sampled]).mean(0) for n in snaps[1]}
+    assert_all_close(polyak.averages, mean, 1e-6, f"sampled after steps {sampled}")
 
 
 # ---------------------------------------------------------------------- two ranks
 
 
-class HookedStrategy:
-    """Builds a ``Parallel4DStrategy`` whose ``load_checkpoint`` has the proposed hook.
+class HookedStrategy(Parallel4DStrategy):
+    """``Parallel4DStrategy`` with the proposed hook in ``load_checkpoint``.
 
-    The hook asks each callback for ``distributed_state`` and loads those entries in the
-    same ``dcp.load`` as the model (the keys the checkpoint holds).
+    Around the strategy's own ``dcp.load``: ask each callback for ``distributed_state``, add
+    the entries the checkpoint holds to ``state["state_dict"]``, load, and take them out
+    again before ``set_model_state_dict`` (strict) sees the model's keys.
     """
 
-    @staticmethod
-    def make(**layout):
-        from recipe.parallel.strategy import Parallel4DStrategy
+    extra_loaded: int | None = None
 
-        class Hooked(Parallel4DStrategy):
-            def load_checkpoint(self, checkpoint_path, weights_only=None):
-                import torch.distributed.checkpoint as dcp
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        import torch.distributed.checkpoint as dcp
 
-                # (the lines below are the proposed change, inlined in a copy of load_checkpoint)
-                path = Path(self.broadcast(str(checkpoint_path)))
-                flat = StateDictOptions(flatten_optimizer_state_dict=True)
-                from torch.distributed.checkpoint.state_dict import (
-                    get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+        real_load = dcp.load
 
-                state = {"state_dict": get_model_state_dict(self.model)}
-                for i, optimizer in enumerate(self.optimizers):
-                    state[f"optimizer_{i}"] = get_optimizer_state_dict(self.model, optimizer, options=flat)
-                extra = {}
-                for callback in self.lightning_module.trainer.callbacks:
-                    if hasattr(callback, "distributed_state"):
-                        extra.update(callback.distributed_state(self.lightning_module))
-                stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        def load(state, checkpoint_id=None, **kwargs):
+            extra = {}
+            for callback in self.lightning_module.trainer.callbacks:
+                if hasattr(callback, "distributed_state"):
+                    extra.update(callback.distributed_state(self.lightning_module))
+            if extra:
+                stored = dcp.FileSystemReader(str(checkpoint_id)).read_metadata().state_dict_metadata
                 extra = {k: v for k, v in extra.items() if f"state_dict.{k}" in stored}
                 state["state_dict"].update(extra)
-                dcp.load(state, checkpoint_id=path)
-                for key in extra:
-                    state["state_dict"].pop(key)
-                self.extra_loaded = len(extra)
-                set_model_state_dict(self.model, state["state_dict"], options=StateDictOptions(strict=True))
-                for i, optimizer in enumerate(self.optimizers):
-                    set_optimizer_state_dict(self.model, optimizer, state[f"optimizer_{i}"], options=flat)
-                return torch.load(path / "meta.pt", weights_only=False)
+            real_load(state, checkpoint_id=checkpoint_id, **kwargs)
+            for key in extra:
+                del state["state_dict"][key]
+            self.extra_loaded = len(extra)
 
-        return Hooked(**layout)
+        dcp.load = load
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        finally:
+            dcp.load = real_load
 
 
 def _max_diffs(got: dict, want: dict) -> dict:
@@ -269,27 +267,30 @@ def _max_diffs(got: dict, want: dict) -> dict:
     return out
 
 
-def _world(data_dir: str, reference_path: str, ckpt_dir: str) -> dict:
-    """In one 2-rank world: FSDP and TP runs, and FSDP-saved checkpoints resumed under TP."""
-    import torch.distributed as dist
+LAYOUTS = {"fsdp2": dict(dp_shard=2), "tp2": dict(tp=2, dp_shard=1), "pp2": dict(pp=2, dp_shard=1)}
 
-    from recipe.parallel.strategy import Parallel4DStrategy
+
+def _world(data_dir: str, reference_path: str, ckpt_dir: str) -> dict:
+    """In one 2-rank world: FSDP, TP and PP runs, and FSDP-saved checkpoints resumed under TP."""
+    import torch.distributed as dist
 
     torch.set_num_threads(1)
     want = torch.load(reference_path, weights_only=True)
     data, results = Path(data_dir), {}
-    for name, layout in {"fsdp2": dict(dp_shard=2), "tp2": dict(tp=2, dp_shard=1)}.items():
-        module, recorder, (polyak, ema) = make_module(), Recorder(snapshots=False), make_averagers()
+    for name, layout in LAYOUTS.items():
+        # Under PP rank 0 holds only the first stage: the exported file must gather both.
+        save_path = str(Path(ckpt_dir) / f"{name}_polyak.pt") if layout.get("pp", 1) > 1 else None
+        module, recorder, (polyak, ema) = make_module(), Recorder(snapshots=False), make_averagers(save_path)
         trainer = fit(module, data, [polyak, ema, recorder], strategy=Parallel4DStrategy(**layout), devices=2)
-        results[name] = {"diffs": _max_diffs(averages_of(trainer, module, polyak, ema), want) if dist.get_rank() == 0
-                         else None, "val": recorder.val_losses}
+        got = averages_of(trainer, module, polyak, ema)  # a collective: on every rank
+        results[name] = {"diffs": _max_diffs(got, want) if dist.get_rank() == 0 else None, "val": recorder.val_losses}
     # Saved under FSDP after step 3 (sharded, through DCP), resumed under TP to step 4: once
     # with the stock strategy (the callback reads its entries itself), once with the hook.
     save_dir = Path(ckpt_dir) / "fsdp2"
     fit(make_module(), data, list(make_averagers()), strategy=Parallel4DStrategy(dp_shard=2), devices=2,
         max_steps=STEPS - 1, validate=False, ckpt_dir=save_dir)
     for name, strategy in {"resumed_stock": Parallel4DStrategy(tp=2, dp_shard=1),
-                           "resumed_hooked": HookedStrategy.make(tp=2, dp_shard=1)}.items():
+                           "resumed_hooked": HookedStrategy(tp=2, dp_shard=1)}.items():
         module, (polyak, ema) = make_module(), make_averagers()
         trainer = fit(module, data, [polyak, ema], strategy=strategy, devices=2, validate=False,
                       ckpt_path=str(save_dir / "last.ckpt"))
@@ -299,20 +300,23 @@ def _world(data_dir: str, reference_path: str, ckpt_dir: str) -> dict:
     return results
 
 
-def test_two_ranks_fsdp_tp_and_resume(reference, tmp_path):
-    ranks = run_world(_world, 2, init_pg=False, data_dir=str(reference["data_dir"]),
+def test_two_ranks_layouts_export_and_resume(reference, tmp_path):
+    ranks = run_world(_world, 2, timeout=300, init_pg=False, data_dir=str(reference["data_dir"]),
                       reference_path=str(reference["root"] / "reference_averages.pt"), ckpt_dir=str(tmp_path))
     # The averages of every rank went to the checkpoint, as DCP entries (not into meta.pt).
     meta = torch.load(tmp_path / "fsdp2" / "last.ckpt" / "meta.pt", weights_only=False)
     assert all("averages" not in state for state in meta["callbacks"].values())
     assert any(state.get("stored") == "dcp" for state in meta["callbacks"].values())
     got = ranks[0]
-    for run in ("fsdp2", "tp2", "resumed_stock", "resumed_hooked"):
+    for run in (*LAYOUTS, "resumed_stock", "resumed_hooked"):
         for kind, (diff, name) in got[run]["diffs"].items():
             assert diff <= 1e-5, f"{run} {kind}: {name} differs by {diff}"
-    for run in ("fsdp2", "tp2"):
+    for run in LAYOUTS:
         assert got[run]["val"] == pytest.approx(reference["recorder"].val_losses, abs=1e-5, rel=0), run
     # 2 callbacks x every parameter, through the strategy's own dcp.load.
     n_params = len(reference["averages"]["polyak"])
     assert got["resumed_hooked"]["extra_loaded"] == 2 * n_params
     assert all(r["resumed_stock"]["count"] == STEPS - POLYAK_START + 1 for r in ranks)
+    # The file written under PP holds both stages' averaged weights.
+    saved = torch.load(tmp_path / "pp2_polyak.pt", weights_only=True)
+    assert_all_close(saved, reference["averages"]["polyak"], 1e-5, "pp2 file")
