@@ -40,6 +40,7 @@ LAYOUTS = {
         "pp2_gpipe": dict(pp=2, dp_shard=1, pp_schedule="GPipe"),
         "pp2_1f1b": dict(pp=2, dp_shard=1, pp_schedule="1F1B"),
         "pp2_interleaved": dict(pp=2, dp_shard=1, pp_schedule="Interleaved1F1B", pp_stages_per_rank=2),
+        "pp2_zero_bubble": dict(pp=2, dp_shard=1, pp_schedule="InterleavedZeroBubble", pp_stages_per_rank=2),
         # The batch-size ramp changes batch tokens, sequence length and micro-batch count mid-run.
         "fsdp2_ramp": dict(dp_shard=2, ramp=True),
         "pp2_1f1b_ramp": dict(pp=2, dp_shard=1, pp_schedule="1F1B", ramp=True),

@@ -32,7 +32,7 @@ from recipe.errors import ConfigError
 from recipe.model import Transformer
 from recipe.parallel.mesh import ParallelDims
 
-ScheduleName = Literal["GPipe", "1F1B", "Interleaved1F1B"]
+ScheduleName = Literal["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble"]
 
 
 class Parallel4DStrategy(ModelParallelStrategy):
@@ -58,7 +58,8 @@ class Parallel4DStrategy(ModelParallelStrategy):
         Args:
             pp, dp_replicate, dp_shard, cp, tp: sizes of the parallel axes; their product is
                 the world size (``dp_shard=-1``: the rest).
-            pp_schedule: pipeline schedule; ``Interleaved1F1B`` needs ``pp_stages_per_rank > 1``.
+            pp_schedule: pipeline schedule; GPipe and 1F1B run one stage per rank, the others
+                (Interleaved1F1B, LoopedBFS, InterleavedZeroBubble) several (``pp_stages_per_rank``).
             pp_stages_per_rank: virtual pipeline stages per rank (interleaving).
             pp_first_last_fewer: one transformer layer fewer on the first and last stage, which
                 also carry the embedding and the output head (the paper's balance).
