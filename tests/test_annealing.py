@@ -1,6 +1,5 @@
 """LR annealing to zero over the last tokens of the run: schedule, phase, stop, exact resume."""
 
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ from callbacks.annealing import LRAnnealing
 from recipe.cli import main
 from recipe.data.build import build_shards
 from recipe.errors import ConfigError
+from stdlib_corpus import stdlib_corpus
 
 
 def test_paper_annealing_schedule():
@@ -30,11 +30,7 @@ def test_annealing_longer_than_the_run_is_rejected():
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("anneal")
-    corpus = root / "text"
-    corpus.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["textwrap.py", "fnmatch.py", "bisect.py"]:
-        (corpus / f"{name}.txt").write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
+    corpus = stdlib_corpus(root / "text", ["textwrap.py", "fnmatch.py", "bisect.py"])
     build_shards(corpus, root / "shards", val_fraction=0.3)
     return root / "shards"
 

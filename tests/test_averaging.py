@@ -8,7 +8,6 @@ under FSDP that resumes under TP, and every average must equal the reference's.
 
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +24,7 @@ from recipe.model import ModelArgs, Transformer
 from recipe.parallel.strategy import Parallel4DStrategy
 from recipe.module import LlamaLightningModule, OptimizerConfig
 from recipe.schedule import LRSchedule
+from stdlib_corpus import stdlib_corpus
 
 ARCH = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, ffn_dim_multiplier=None, max_seq_len=64)
 DATA = dict(seq_len=16, global_batch_size=4, micro_batch_size=2, val_batches=1, build_demo=False)
@@ -103,11 +103,7 @@ def averages_of(trainer: L.Trainer, module, polyak: PolyakAveraging, ema: EMAAve
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("averaging")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["textwrap.py", "fnmatch.py", "bisect.py", "colorsys.py"]:
-        (corpus / f"{name}.txt").write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
+    corpus = stdlib_corpus(root / "corpus", ["textwrap.py", "fnmatch.py", "bisect.py", "colorsys.py"])
     data_dir = root / "shards"
     build_shards(corpus, data_dir, val_fraction=0.25)
     module, recorder = make_module(), Recorder()

@@ -1,6 +1,5 @@
 """Batch-size ramp: the paper's numbers, exact streaming across a change, exact resume."""
 
-import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from recipe.data.build import build_shards
 from recipe.data.shards import ShardSet
 from recipe.data.stream import TokenStream
 from recipe.errors import ConfigError
+from stdlib_corpus import stdlib_corpus
 
 M = 2**20
 PAPER = [RampStage(0, 4 * M, 4096), RampStage(252_000_000, 8 * M, 8192), RampStage(2_870_000_000_000, 16 * M, 8192)]
@@ -42,11 +42,7 @@ def test_bad_ramps(stages, needle):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ramp")
-    corpus = root / "text"
-    corpus.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["textwrap.py", "fnmatch.py", "bisect.py", "colorsys.py"]:
-        (corpus / f"{name}.txt").write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
+    corpus = stdlib_corpus(root / "text", ["textwrap.py", "fnmatch.py", "bisect.py", "colorsys.py"])
     build_shards(corpus, root / "shards", val_fraction=0.25)
     return root / "shards"
 

@@ -1,7 +1,6 @@
 """FLOPs per token against hand counts, and the throughput callback's arithmetic."""
 
 import math
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -301,11 +300,9 @@ def test_fit_logs_consistent_tflops_and_mfu(tmp_path, monkeypatch):
 
 def _fit_and_check(tmp_path, main, build_shards):
 
-    stdlib, corpus = Path(sysconfig.get_paths()["stdlib"]), tmp_path / "text"
-    corpus.mkdir()
-    for name in ["textwrap.py", "fnmatch.py", "bisect.py", "colorsys.py"]:
-        (corpus / f"{name}.txt").write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
-    build_shards(corpus, tmp_path / "shards", val_fraction=0.2)
+    from stdlib_corpus import stdlib_corpus
+
+    build_shards(stdlib_corpus(tmp_path / "text"), tmp_path / "shards", val_fraction=0.2)
     config = {
         "seed_everything": 7,
         "trainer": {

@@ -6,7 +6,6 @@ LightningModule. Per-step losses, gradient norms and the final parameters must m
 """
 
 import os
-import sysconfig
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +20,7 @@ from recipe.data.datamodule import TokenDataModule
 from recipe.model import ModelArgs
 from recipe.module import LlamaLightningModule, OptimizerConfig
 from recipe.schedule import LRSchedule
+from stdlib_corpus import stdlib_corpus
 
 ARCH = dict(dim=64, n_layers=4, n_heads=8, n_kv_heads=4, multiple_of=32, ffn_dim_multiplier=None, max_seq_len=64)
 DATA = dict(seq_len=16, global_batch_size=8, micro_batch_size=2, val_batches=0, build_demo=False)
@@ -134,11 +134,7 @@ def _fit_layouts(data_dir: str, layouts: dict, resume: dict | None = None) -> di
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["textwrap.py", "fnmatch.py", "bisect.py", "colorsys.py"]:
-        (corpus / f"{name}.txt").write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
+    corpus = stdlib_corpus(root / "corpus", ["textwrap.py", "fnmatch.py", "bisect.py", "colorsys.py"])
     data_dir = root / "shards"
     build_shards(corpus, data_dir, val_fraction=0.25)
     reference = make_module()

@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from recipe.cli import main
 from recipe.data.build import build_shards
 from recipe.module import LlamaLightningModule
 from recipe.schedule import LRSchedule
+from stdlib_corpus import DEFAULT_MODULES, stdlib_corpus
 
 SCALARS = ["train/loss", "val/loss", "train/lr", "train/grad_norm", "train/tokens_seen",
            "train/tokens_per_sec", "train/batch_tokens", "train/seq_len"]
@@ -23,11 +23,7 @@ SCALARS = ["train/loss", "val/loss", "train/lr", "train/grad_norm", "train/token
 def data_dir(tmp_path_factory) -> Path:
     """Token shards built from real text: a few standard-library modules."""
     root = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    corpus = root / "text"
-    corpus.mkdir()
-    for name in ["textwrap.py", "fnmatch.py", "bisect.py", "colorsys.py", "shlex.py", "glob.py", "heapq.py"]:
-        (corpus / f"{name}.txt").write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
+    corpus = stdlib_corpus(root / "text", [*DEFAULT_MODULES, "shlex.py", "glob.py", "heapq.py"])
     out = root / "shards"
     build_shards(corpus, out, val_fraction=0.2)
     return out

@@ -1,0 +1,15 @@
+"""Real text for tests: modules of the Python standard library, one document per file."""
+
+import sysconfig
+from pathlib import Path
+
+DEFAULT_MODULES = ("textwrap.py", "fnmatch.py", "bisect.py", "colorsys.py")
+
+
+def stdlib_corpus(folder: Path, modules=DEFAULT_MODULES) -> Path:
+    """Write the given standard-library modules as ``.txt`` documents into ``folder``."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in modules:
+        (folder / f"{name}.txt").write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
+    return folder
