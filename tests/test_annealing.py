@@ -3,12 +3,12 @@
 from pathlib import Path
 
 import pytest
-import yaml
 
 from callbacks.annealing import LRAnnealing
 from recipe.cli import main
 from recipe.data.build import build_shards
 from recipe.errors import ConfigError
+from cli_runs import read_scalars, tiny_fit_config
 from stdlib_corpus import stdlib_corpus
 
 
@@ -36,37 +36,13 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def config(tmp_path: Path, data_dir: Path, run: str, max_steps: int) -> Path:
-    cfg = {
-        "seed_everything": 5,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "val_check_interval": 100,
-            "check_val_every_n_epoch": None, "num_sanity_val_steps": 0, "log_every_n_steps": 1,
-            "enable_progress_bar": False, "enable_model_summary": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(tmp_path / run), "name": "", "version": "v"}},
-            "callbacks": [
-                # 6 steps of 64 tokens; the last 3 anneal.
-                {"class_path": "callbacks.annealing.LRAnnealing",
-                 "init_args": {"total_tokens": 384, "anneal_tokens": 192}},
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(tmp_path / run / "ckpt"), "every_n_train_steps": 1,
-                               "save_last": True, "save_top_k": -1}},
-            ],
-        },
-        "model": {"arch": {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 16,
-                           "ffn_dim_multiplier": None, "max_seq_len": 64},
-                  "optimizer": {"lr": 3e-3}, "lr_schedule": {"warmup_steps": 2, "decay_steps": 100, "min_lr": 0.0}},
-        "data": {"data_dir": str(data_dir), "build_demo": False, "seq_len": 16, "global_batch_size": 4,
-                 "micro_batch_size": 2, "val_batches": 1},
-    }
-    path = tmp_path / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    # 6 steps of 64 tokens; the last 3 anneal.
+    anneal = {"class_path": "callbacks.annealing.LRAnnealing", "init_args": {"total_tokens": 384, "anneal_tokens": 192}}
+    return tiny_fit_config(tmp_path, data_dir, run, max_steps, [anneal], seed=5, checkpoint_every=1,
+                           lr_schedule={"warmup_steps": 2, "decay_steps": 100, "min_lr": 0.0})
 
 
 def test_annealing_run_stops_at_zero_and_resumes_exactly(tmp_path, data_dir):
-    from test_training import read_scalars
-
     # max_steps is larger than the run: annealing ends it at total_tokens.
     assert main(["fit", "--config", str(config(tmp_path, data_dir, "straight", 50))]) == 0
     a = read_scalars(tmp_path / "straight")

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from callbacks.batch_ramp import BatchSizeRamp, RampStage
 from recipe.cli import main
@@ -12,6 +11,7 @@ from recipe.data.build import build_shards
 from recipe.data.shards import ShardSet
 from recipe.data.stream import TokenStream
 from recipe.errors import ConfigError
+from cli_runs import read_scalars, tiny_fit_config
 from stdlib_corpus import stdlib_corpus
 
 M = 2**20
@@ -68,37 +68,13 @@ def test_stream_follows_the_ramp_without_losing_tokens(data_dir, dp_size):
 
 
 def ramp_config(tmp_path: Path, data_dir: Path, run: str, max_steps: int) -> Path:
-    config = {
-        "seed_everything": 3,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "val_check_interval": 100,
-            "check_val_every_n_epoch": None, "num_sanity_val_steps": 0, "log_every_n_steps": 1,
-            "enable_progress_bar": False, "enable_model_summary": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(tmp_path / run), "name": "", "version": "v"}},
-            "callbacks": [
-                {"class_path": "callbacks.batch_ramp.BatchSizeRamp",
-                 "init_args": {"stages": [{"tokens": 0, "batch_tokens": 64, "seq_len": 16},
-                                          {"tokens": 150, "batch_tokens": 128, "seq_len": 32}]}},
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(tmp_path / run / "ckpt"), "every_n_train_steps": 2,
-                               "save_last": True, "save_top_k": -1}},
-            ],
-        },
-        "model": {"arch": {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 16,
-                           "ffn_dim_multiplier": None, "max_seq_len": 64},
-                  "optimizer": {"lr": 3e-3}},
-        "data": {"data_dir": str(data_dir), "build_demo": False, "seq_len": 16, "global_batch_size": 4,
-                 "micro_batch_size": 2, "val_batches": 1},
-    }
-    path = tmp_path / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    ramp = {"class_path": "callbacks.batch_ramp.BatchSizeRamp",
+            "init_args": {"stages": [{"tokens": 0, "batch_tokens": 64, "seq_len": 16},
+                                     {"tokens": 150, "batch_tokens": 128, "seq_len": 32}]}}
+    return tiny_fit_config(tmp_path, data_dir, run, max_steps, [ramp], seed=3, checkpoint_every=2)
 
 
 def test_ramp_training_resumes_exactly(tmp_path, data_dir):
-    from test_training import read_scalars
-
     assert main(["fit", "--config", str(ramp_config(tmp_path, data_dir, "straight", 5))]) == 0
     cut = ramp_config(tmp_path, data_dir, "resumed", 2)
     assert main(["fit", "--config", str(cut)]) == 0

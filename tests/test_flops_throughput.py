@@ -1,7 +1,6 @@
 """FLOPs per token against hand counts, and the throughput callback's arithmetic."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -270,19 +269,6 @@ def test_callback_arguments():
 # ----------------------------------------------------------------------------- real fit
 
 
-def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[str, dict[int, float]] = {}
-    for events in sorted(logdir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            for event in acc.Scalars(tag):
-                values.setdefault(tag, {})[event.step] = event.value
-    return values
-
-
 def test_fit_logs_consistent_tflops_and_mfu(tmp_path, monkeypatch):
     """A 3-step fit of a tiny model with a measured peak: the logged scalars agree."""
     from recipe.cli import main
@@ -299,7 +285,7 @@ def test_fit_logs_consistent_tflops_and_mfu(tmp_path, monkeypatch):
 
 
 def _fit_and_check(tmp_path, main, build_shards):
-
+    from cli_runs import read_scalars
     from stdlib_corpus import stdlib_corpus
 
     build_shards(stdlib_corpus(tmp_path / "text"), tmp_path / "shards", val_fraction=0.2)

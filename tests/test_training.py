@@ -13,6 +13,7 @@ from recipe.cli import main
 from recipe.data.build import build_shards
 from recipe.module import LlamaLightningModule
 from recipe.schedule import LRSchedule
+from cli_runs import read_scalars
 from stdlib_corpus import DEFAULT_MODULES, stdlib_corpus
 
 SCALARS = ["train/loss", "val/loss", "train/lr", "train/grad_norm", "train/tokens_seen",
@@ -59,18 +60,6 @@ def write_config(tmp_path: Path, data_dir: Path, run: str, max_steps: int, **tra
     path.write_text(yaml.safe_dump(config))
     return path
 
-
-def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[str, dict[int, float]] = {}
-    for events in sorted(logdir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            for event in acc.Scalars(tag):
-                values.setdefault(tag, {})[event.step] = event.value
-    return values
 
 
 def test_fit_cli_writes_scalars_and_checkpoints(tmp_path, data_dir):
