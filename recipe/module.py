@@ -12,16 +12,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
 from recipe.errors import ConfigError
-from recipe.model import ModelArgs, ModelConfigError, Transformer, init_parameter
+from recipe.model import ModelArgs, ModelConfigError, RopeScaling, Transformer, init_parameter
 from recipe.parallel.clip import clip_grad_norm
 from recipe.parallel.fsdp import set_gradient_sync
 from recipe.schedule import LRSchedule
@@ -196,35 +197,39 @@ class LlamaLightningModule(L.LightningModule):
         return parallel.reduce_over(tensor, "pp") if parallel is not None and parallel.dims.pp > 1 else tensor
 
     def pipeline_pass(self, tokens: torch.Tensor, doc_ids: torch.Tensor, normalizer: float,
-                      train: bool) -> torch.Tensor | None:
+                      train: bool, loss_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """All micro-batches of a step through the pipeline schedule; the loss on the last stage.
 
         tokens, doc_ids: ``[n_micro, micro_batch, seq_len + 1]``. Under context parallelism
         the rows are cut into this rank's sequence shard first, and every stage gets the
-        shard's positions and mask instead of the document ids.
+        shard's positions and mask instead of the document ids. ``loss_mask``
+        (``[n_micro, micro_batch, seq_len]``, evaluation only) picks the targets scored.
         """
         parallel = self._parallel()
         n_micro = tokens.shape[0]
         rows, docs = tokens.flatten(0, 1), doc_ids.flatten(0, 1)
+        targets = _masked_targets(rows[:, 1:], None if loss_mask is None else loss_mask.flatten(0, 1))
         run = self.pipeline.step_local if train else self.pipeline.evaluate_local
         if parallel.dims.cp == 1:
             # Explicit positions: a later stage sees only hidden states, sequence-sharded
             # under tensor parallelism, so it cannot infer the sequence length.
             positions = torch.arange(rows.shape[1] - 1, device=rows.device).expand(rows.shape[0], -1)
-            return run(rows[:, :-1], rows[:, 1:], n_micro, normalizer, positions=positions, doc_ids=docs[:, :-1])
+            return run(rows[:, :-1], targets, n_micro, normalizer, positions=positions, doc_ids=docs[:, :-1])
         from recipe.parallel.context import shard_for_context_parallel
 
-        local = shard_for_context_parallel(rows[:, :-1], rows[:, 1:], docs[:, :-1], parallel.device_mesh["cp"])
+        local = shard_for_context_parallel(rows[:, :-1], targets, docs[:, :-1], parallel.device_mesh["cp"])
         positions = local["positions"].expand(rows.shape[0], -1)
         return run(local["tokens"], local["targets"], n_micro, normalizer, positions=positions, mask=local["mask"])
 
-    def micro_batch_loss(self, tokens: torch.Tensor, doc_ids: torch.Tensor, normalizer: float) -> torch.Tensor:
+    def micro_batch_loss(self, tokens: torch.Tensor, doc_ids: torch.Tensor, normalizer: float,
+                         loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Sum of next-token cross-entropies of one micro-batch, divided by ``normalizer``.
 
         Under context parallelism this rank computes its share of the sequence only; the
         shares' gradients are summed by FSDP's reduce-scatter over dp_shard x cp.
+        ``loss_mask`` (``[micro_batch, seq_len]``) restricts the sum to the targets it marks.
         """
-        inputs, targets, docs = tokens[:, :-1], tokens[:, 1:], doc_ids[:, :-1]
+        inputs, targets, docs = tokens[:, :-1], _masked_targets(tokens[:, 1:], loss_mask), doc_ids[:, :-1]
         parallel = self._parallel()
         if parallel is not None and parallel.dims.cp > 1:
             from recipe.parallel.context import shard_for_context_parallel
@@ -292,16 +297,61 @@ class LlamaLightningModule(L.LightningModule):
         self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        tokens, doc_ids = batch["tokens"], batch["doc_ids"]
-        self._val_count += tokens[..., 1:].numel() / self._cp_size()
+        loss_sum, count = self._eval_sums(batch)
+        self._val_sum += loss_sum
+        self._val_count += count
+
+    def _eval_sums(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (sum of scored token CE, number of scored targets) over a step batch.
+
+        The sums still need reducing over data (and pipeline, for the loss) ranks. An
+        optional ``loss_mask`` entry ``[n_micro, micro_batch, seq_len]`` picks the targets.
+        """
+        tokens, doc_ids, mask = batch["tokens"], batch["doc_ids"], batch.get("loss_mask")
+        scored = tokens[..., 1:].numel() if mask is None else int(mask.sum())
+        count = torch.tensor(scored / self._cp_size(), device=self.device, dtype=torch.float64)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         with self._loss_context():
             if self.pipeline is not None:
-                loss = self.pipeline_pass(tokens, doc_ids, 1.0, train=False)
+                loss = self.pipeline_pass(tokens, doc_ids, 1.0, train=False, loss_mask=mask)
                 if loss is not None:
-                    self._val_sum += as_local(loss).double()
-                return
+                    loss_sum += as_local(loss).double()
+                return loss_sum, count
             for micro in range(tokens.shape[0]):
-                self._val_sum += as_local(self.micro_batch_loss(tokens[micro], doc_ids[micro], 1.0)).double()
+                micro_mask = None if mask is None else mask[micro]
+                loss_sum += as_local(self.micro_batch_loss(tokens[micro], doc_ids[micro], 1.0, micro_mask)).double()
+        return loss_sum, count
+
+    @torch.no_grad()
+    def evaluate_loss(self, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+        """Mean token CE over step batches under any parallel layout (every rank calls it).
+
+        Used by recipe callbacks that evaluate outside Lightning's validation loop, such as
+        the context-length gates; ``loss_mask`` entries score only the targets they mark.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            total = torch.zeros((), device=self.device, dtype=torch.float64)
+            count = torch.zeros((), device=self.device, dtype=torch.float64)
+            for batch in batches:
+                batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                loss_sum, scored = self._eval_sums(batch)
+                total += loss_sum
+                count += scored
+            total = self._sum_over_pipeline(self._sum_over_data(total))
+            count = self._sum_over_data(count)
+            return float(total / count.clamp(min=1))
+        finally:
+            self.model.train(was_training)
+
+    def set_rope(self, rope_theta: float, rope_scaling: RopeScaling | None) -> None:
+        """Switch the RoPE base and scaling of the live model (a context-length stage may)."""
+        parallel = self._parallel()
+        parts = [stage for _, stage in parallel.pipeline_stages] if parallel and parallel.pipeline_stages else [self.model]
+        for part in parts:
+            part.args = replace(part.args, rope_theta=rope_theta, rope_scaling=rope_scaling)
+            part.init_buffers(self.device)
 
     def on_validation_epoch_end(self) -> None:
         total = self._sum_over_pipeline(self._sum_over_data(self._val_sum))
@@ -325,6 +375,11 @@ class LlamaLightningModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+
+
+def _masked_targets(targets: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """Targets with the unscored ones set to cross-entropy's ignore index."""
+    return targets if loss_mask is None else targets.masked_fill(~loss_mask.bool(), -100)
 
 
 def as_local(value: torch.Tensor) -> torch.Tensor:

@@ -13,3 +13,11 @@ def stdlib_corpus(folder: Path, modules=DEFAULT_MODULES) -> Path:
     for name in modules:
         (folder / f"{name}.txt").write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
     return folder
+
+
+def stdlib_shards(root: Path, modules=DEFAULT_MODULES, val_fraction: float = 0.25) -> Path:
+    """Train/val token shards of the given modules (Llama 3 tokenizer) in ``root / "shards"``."""
+    from recipe.data.build import build_shards
+
+    build_shards(stdlib_corpus(root / "text", modules), root / "shards", val_fraction=val_fraction)
+    return root / "shards"

@@ -6,10 +6,9 @@ import pytest
 
 from callbacks.annealing import LRAnnealing
 from recipe.cli import main
-from recipe.data.build import build_shards
 from recipe.errors import ConfigError
 from cli_runs import read_scalars, tiny_fit_config
-from stdlib_corpus import stdlib_corpus
+from stdlib_corpus import stdlib_shards
 
 
 def test_paper_annealing_schedule():
@@ -29,10 +28,7 @@ def test_annealing_longer_than_the_run_is_rejected():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("anneal")
-    corpus = stdlib_corpus(root / "text", ["textwrap.py", "fnmatch.py", "bisect.py"])
-    build_shards(corpus, root / "shards", val_fraction=0.3)
-    return root / "shards"
+    return stdlib_shards(tmp_path_factory.mktemp("anneal"), ["textwrap.py", "fnmatch.py", "bisect.py"], 0.3)
 
 
 def config(tmp_path: Path, data_dir: Path, run: str, max_steps: int) -> Path:

@@ -7,12 +7,11 @@ import pytest
 
 from callbacks.batch_ramp import BatchSizeRamp, RampStage
 from recipe.cli import main
-from recipe.data.build import build_shards
 from recipe.data.shards import ShardSet
 from recipe.data.stream import TokenStream
 from recipe.errors import ConfigError
 from cli_runs import read_scalars, tiny_fit_config
-from stdlib_corpus import stdlib_corpus
+from stdlib_corpus import stdlib_shards
 
 M = 2**20
 PAPER = [RampStage(0, 4 * M, 4096), RampStage(252_000_000, 8 * M, 8192), RampStage(2_870_000_000_000, 16 * M, 8192)]
@@ -41,10 +40,7 @@ def test_bad_ramps(stages, needle):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ramp")
-    corpus = stdlib_corpus(root / "text", ["textwrap.py", "fnmatch.py", "bisect.py", "colorsys.py"])
-    build_shards(corpus, root / "shards", val_fraction=0.25)
-    return root / "shards"
+    return stdlib_shards(tmp_path_factory.mktemp("ramp"))
 
 
 @pytest.mark.parametrize("dp_size", [1, 2])

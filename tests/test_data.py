@@ -269,11 +269,11 @@ def test_crash_mid_write_leaves_nothing(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_add = ShardWriter.add
 
-    def flaky_add(self, tokens):
+    def flaky_add(self, tokens, domain=None):
         calls["n"] += 1
         if calls["n"] == 30:
             raise RuntimeError("disk on fire")
-        real_add(self, tokens)
+        real_add(self, tokens, domain)
 
     monkeypatch.setattr(ShardWriter, "add", flaky_add)
     with pytest.raises(RuntimeError, match="disk on fire"):
@@ -305,6 +305,31 @@ def test_shard_writer_atomic_and_overwrite(tmp_path):
         ShardWriter(tmp_path / "x", vocab_size=10, bos_id=1, eos_id=2).add([5, 2])
     with pytest.raises(DataError, match="out of range"):
         ShardWriter(tmp_path / "y", vocab_size=10, bos_id=1, eos_id=2).add([1, 10, 2])
+
+
+def test_build_keeps_each_domain_in_its_own_shards(tmp_path, capsys):
+    records = [{"text": f"{d} document {i} " + "x" * (i % 9), "domain": d} for i in range(30) for d in ("web", "code")]
+    records += [{"text": f"no domain {i}"} for i in range(10)]
+    corpus = write_jsonl(tmp_path / "c.jsonl", records)
+    rep = build_shards(corpus, tmp_path / "out", tokenizer=ByteTokenizer(), val_fraction=0.2, shard_tokens=64,
+                       log=lambda s: None)  # fmt: skip
+    assert sorted(rep.domains) == ["code", "default", "web"] and rep.domains["default"]["documents"] == 10
+    for split in ("train", "val"):
+        s = ShardSet(tmp_path / "out" / split)
+        index = json.loads((tmp_path / "out" / split / "index.json").read_text())
+        assert s.domains == ["code", "default", "web"]
+        for shard, domain in zip(index["shards"], s.shard_domains):
+            assert shard["domain"] == domain
+        for name in s.domains:
+            view = s.domain(name)
+            texts_ = [ByteTokenizer().decode(view.document(i)) for i in range(view.num_documents)]
+            prefix = "no domain" if name == "default" else name
+            assert texts_ and all(t.startswith(prefix) for t in texts_)  # no shard mixes domains
+        assert sum(s.domain_tokens.values()) == s.num_tokens
+    assert sum(d["tokens"] for d in rep.domains.values()) == sum(rep.tokens.values())
+    assert data_main(["info", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "  domain code: " in out and "  domain default: " in out and " tokens (" in out
 
 
 def test_build_refuses_existing_output_before_work(tmp_path):
@@ -487,6 +512,7 @@ def test_ensure_demo_data_concurrent_callers(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("demo")) == ["demo", "demo.lock"]
     report = ShardSet(tmp_path / "demo" / "train").report
     assert set(report["domains"]) == {"code", "math"}
+    assert ShardSet(tmp_path / "demo" / "train").domains == ["code", "math"]
     assert sum(d["tokens"] for d in report["domains"].values()) == sum(report["tokens"].values())
 
 

@@ -195,7 +195,8 @@ def test_datamodule_state_and_prefetch(data):
     second = next(it)  # Lightning prefetches one batch ahead ...
     assert dm.position == 0  # ... which must not move the position
     dm.on_after_batch_transfer(first, 0)  # the loop takes the first batch
-    assert dm.position == 32 and dm.state_dict() == {"position": 32, "seq_len": 8}
+    assert dm.position == 32
+    assert dm.state_dict() == {"position": 32, "samples": 4, "domain_positions": {"default": 32}, "seq_len": 8}
 
     dm2 = make_dm(data)  # resume from the "checkpoint"
     dm2.load_state_dict(dm.state_dict())
@@ -250,7 +251,8 @@ def test_lightning_fit_resume_continues_the_stream(data, tmp_path):
     tps = 4 * 8
     assert model.seen == [0, tps, 2 * tps] and dm.position == 3 * tps
     t.save_checkpoint(tmp_path / "c.ckpt")
-    assert torch.load(tmp_path / "c.ckpt", weights_only=False)["TokenDataModule"] == {"position": 3 * tps, "seq_len": 8}
+    saved = torch.load(tmp_path / "c.ckpt", weights_only=False)["TokenDataModule"]
+    assert saved == {"position": 3 * tps, "samples": 3 * 4, "domain_positions": {"default": 3 * tps}, "seq_len": 8}
 
     dm2, model2 = make_dm(data), Tiny()
     trainer(5).fit(model2, datamodule=dm2, ckpt_path=tmp_path / "c.ckpt")

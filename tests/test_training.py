@@ -10,11 +10,10 @@ import torch
 import yaml
 
 from recipe.cli import main
-from recipe.data.build import build_shards
 from recipe.module import LlamaLightningModule
 from recipe.schedule import LRSchedule
 from cli_runs import read_scalars
-from stdlib_corpus import DEFAULT_MODULES, stdlib_corpus
+from stdlib_corpus import DEFAULT_MODULES, stdlib_shards
 
 SCALARS = ["train/loss", "val/loss", "train/lr", "train/grad_norm", "train/tokens_seen",
            "train/tokens_per_sec", "train/batch_tokens", "train/seq_len"]
@@ -23,11 +22,7 @@ SCALARS = ["train/loss", "val/loss", "train/lr", "train/grad_norm", "train/token
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """Token shards built from real text: a few standard-library modules."""
-    root = tmp_path_factory.mktemp("corpus")
-    corpus = stdlib_corpus(root / "text", [*DEFAULT_MODULES, "shlex.py", "glob.py", "heapq.py"])
-    out = root / "shards"
-    build_shards(corpus, out, val_fraction=0.2)
-    return out
+    return stdlib_shards(tmp_path_factory.mktemp("corpus"), [*DEFAULT_MODULES, "shlex.py", "glob.py", "heapq.py"], 0.2)
 
 
 def write_config(tmp_path: Path, data_dir: Path, run: str, max_steps: int, **trainer) -> Path:

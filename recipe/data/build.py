@@ -3,9 +3,10 @@
 ``build_shards`` reads documents (``recipe.data.corpus``), drops and counts empty
 ones, tokenizes in batches as ``[bos] + tokens + [eos]``, splits train/val by a hash
 of the document text and writes ``<out_dir>/train`` and ``<out_dir>/val``
-(``recipe.data.shards``). The whole ``out_dir`` is assembled in a temp sibling and
-renamed at the end, so a failure (an empty corpus, a bad line, a crash) leaves
-nothing behind.
+(``recipe.data.shards``), each document in the shards of its ``domain`` field
+(``"default"`` when it has none) so that a data mix can sample the domains
+separately. The whole ``out_dir`` is assembled in a temp sibling and renamed at the
+end, so a failure (an empty corpus, a bad line, a crash) leaves nothing behind.
 
 Why hash the *text*: the split then depends neither on the order of the corpus nor on
 the batch size, and exact duplicates always land in the same split (a duplicate of
@@ -28,7 +29,7 @@ import numpy as np
 
 from recipe.data.corpus import Document, iter_documents, list_inputs
 from recipe.data.errors import DataError
-from recipe.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter, atomic_dir, is_complete
+from recipe.data.shards import DEFAULT_DOMAIN, DEFAULT_SHARD_TOKENS, ShardWriter, atomic_dir, is_complete
 
 __all__ = ["BuildReport", "build_shards", "ensure_demo_data", "is_built", "load_tokenizer"]
 
@@ -72,7 +73,7 @@ class BuildReport:
     tokens: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
     dropped: dict[str, int] = field(default_factory=dict)
     dropped_examples: dict[str, list[str]] = field(default_factory=dict)
-    # Kept documents and tokens per ``domain`` field (records without one: "unknown").
+    # Kept documents and tokens per ``domain`` field (records without one: "default").
     domains: dict[str, dict[str, int]] = field(default_factory=dict)
     characters: int = 0
     wall_time_s: float = 0.0
@@ -134,30 +135,30 @@ class _Splitter:
 
     def __init__(self, train: ShardWriter, val: ShardWriter, fraction: float, k: int | None) -> None:
         self.train, self.val, self.fraction, self.k = train, val, fraction, k
-        self.held: list[tuple[float, int, np.ndarray]] = []  # max-heap via negated hash
+        self.held: list[tuple[float, int, np.ndarray, str | None]] = []  # max-heap via negated hash
         self.count = 0
         self.val_direct = 0
 
-    def add(self, h: float, tokens: np.ndarray) -> None:
+    def add(self, h: float, tokens: np.ndarray, domain: str | None = None) -> None:
         self.count += 1
         if self.k is None and h < self.fraction:
-            self.val.add(tokens)
+            self.val.add(tokens, domain)
             self.val_direct += 1
             return
         capacity = self.k if self.k is not None else (1 if self.val_direct == 0 else 0)
-        item = (-h, self.count, tokens)
+        item = (-h, self.count, tokens, domain)
         if capacity == 0:
             self._flush_held_to_train()
-            self.train.add(tokens)
+            self.train.add(tokens, domain)
         elif len(self.held) < capacity:
             heapq.heappush(self.held, item)
         else:
             out = heapq.heappushpop(self.held, item)  # the largest hash leaves the candidates
-            self.train.add(out[2])
+            self.train.add(out[2], out[3])
 
     def _flush_held_to_train(self) -> None:
         for item in sorted(self.held, key=lambda x: x[1]):
-            self.train.add(item[2])
+            self.train.add(item[2], item[3])
         self.held = []
 
     def finish(self) -> None:
@@ -167,9 +168,9 @@ class _Splitter:
         else:
             to_val = held[: max(0, min(self.k, self.count - 1))]
         for item in sorted(to_val, key=lambda x: x[1]):
-            self.val.add(item[2])
+            self.val.add(item[2], item[3])
         for item in sorted(held[len(to_val) :], key=lambda x: x[1]):
-            self.train.add(item[2])
+            self.train.add(item[2], item[3])
         self.held = []
 
 
@@ -231,8 +232,9 @@ def build_shards(
             def flush() -> None:
                 encoded = tok.encode_batch([d.text for d in batch], bos=True, eos=True)
                 for doc, ids in zip(batch, encoded):
-                    splitter.add(_hash01(doc.text), np.asarray(ids, dtype=np.uint32))
-                    d = report.domains.setdefault(doc.domain or "unknown", {"documents": 0, "tokens": 0})
+                    domain = doc.domain or DEFAULT_DOMAIN
+                    splitter.add(_hash01(doc.text), np.asarray(ids, dtype=np.uint32), domain)
+                    d = report.domains.setdefault(domain, {"documents": 0, "tokens": 0})
                     d["documents"] += 1
                     d["tokens"] += len(ids)
                 batch.clear()

@@ -99,6 +99,10 @@ def _info(args: argparse.Namespace) -> int:
         s = ShardSet(p)
         print(f"{p}: {s.num_documents:,} documents, {s.num_tokens:,} tokens in {len(s.shard_names)} shard(s), "
               f"vocab {s.vocab_size:,}, tokenizer {s.tokenizer}")  # fmt: skip
+        documents = s.domain_documents
+        for name, tokens in s.domain_tokens.items():
+            share = tokens / s.num_tokens if s.num_tokens else 0.0
+            print(f"  domain {name}: {documents[name]:,} documents, {tokens:,} tokens ({share:.1%})")
     report = ShardSet(sets[0]).report
     if report:
         print(json.dumps(report, indent=1))

@@ -1,10 +1,12 @@
 """Lightning data module over pre-built shards: the token stream of one DP rank.
 
 Resume contract: ``self.position`` is the global token offset of the next step to
-train. It advances in ``on_after_batch_transfer``, which Lightning calls when the
-training loop actually takes a batch - not when the loader prefetches the next one -
-so a checkpoint never skips a prefetched batch. ``state_dict`` holds only global
-state, so a run saved under one data-parallel size resumes under another.
+train, ``self.samples`` the global samples consumed and ``self.domain_positions`` the
+offset reached in each domain's stream (``recipe.data.stream``). They advance in
+``on_after_batch_transfer``, which Lightning calls when the training loop actually
+takes a batch - not when the loader prefetches the next one - so a checkpoint never
+skips a prefetched batch. ``state_dict`` holds only global state, so a run saved under
+one data-parallel size resumes under another.
 
 Note: Lightning calls only ONE ``on_after_batch_transfer``: when both the
 LightningModule and this data module override it, this one runs (Lightning 2.6
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from recipe.data.build import ensure_demo_data, is_built
 from recipe.data.errors import DataError
-from recipe.data.shards import ShardSet
+from recipe.data.shards import DEFAULT_DOMAIN, ShardSet
 from recipe.data.stream import TokenStream, check_batch_layout
 
 __all__ = ["TokenDataModule"]
@@ -68,8 +70,12 @@ class TokenDataModule(L.LightningDataModule):
         self.build_demo = build_demo
         self.num_workers = num_workers
         self.position = 0  # global token offset of the next training step
+        self.samples = 0  # global samples consumed (the data mix draws sample k's domain from k)
+        self.domain_positions: dict[str, int] = {}  # token offset reached in each domain's stream
         # Set by a batch-size ramp / context-length callback: position -> (global batch, seq_len).
         self.batch_schedule = None
+        # Set by a data-mix callback: position -> {domain: weight}; None: the natural token shares.
+        self.mix_schedule = None
         self.train_set: ShardSet | None = None
         self.val_set: ShardSet | None = None
 
@@ -125,6 +131,23 @@ class TokenDataModule(L.LightningDataModule):
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.seq_len
 
+    def _train_set(self) -> ShardSet:
+        if self.train_set is None:
+            self.setup("fit")
+        assert self.train_set is not None
+        return self.train_set
+
+    @property
+    def domains(self) -> list[str]:
+        """Domains of the training set, sorted."""
+        return self._train_set().domains
+
+    @property
+    def natural_weights(self) -> dict[str, float]:
+        """Each domain's share of the training set's tokens (the mix without a schedule)."""
+        train = self._train_set()
+        return {d: n / train.num_tokens for d, n in train.domain_tokens.items()}
+
     # ------------------------------------------------------------ loaders
     def _loader(self, stream: TokenStream) -> DataLoader:
         return DataLoader(
@@ -136,22 +159,28 @@ class TokenDataModule(L.LightningDataModule):
         )
 
     def train_stream(self) -> TokenStream:
-        if self.train_set is None:
-            self.setup("fit")
-        assert self.train_set is not None
+        train = self._train_set()
         return TokenStream(
-            self.train_set, self.seq_len, self.global_batch_size, self.micro_batch_size,
+            train, self.seq_len, self.global_batch_size, self.micro_batch_size,
             dp_rank=self.dp_rank, dp_size=self.dp_size, start_position=self.position,
-            batch_schedule=self.batch_schedule,
+            batch_schedule=self.batch_schedule, mix_schedule=self.mix_schedule,
+            start_samples=self.samples, start_domain_positions=self.domain_positions or None,
         )  # fmt: skip
 
-    def val_stream(self) -> TokenStream:
+    def val_stream(self, seq_len: int | None = None, batch_size: int | None = None,
+                   num_batches: int | None = None) -> TokenStream:
+        """The validation stream: natural domain mix, always from the start of ``val``.
+
+        ``seq_len``, ``batch_size`` (sequences per step) and ``num_batches`` override the
+        configured ``seq_len``, ``val_batch_size`` and ``val_batches``.
+        """
         if self.val_set is None:
             self.setup("validate")
         assert self.val_set is not None
         return TokenStream(
-            self.val_set, self.seq_len, self.val_batch_size, self.micro_batch_size,
-            dp_rank=self.dp_rank, dp_size=self.dp_size, start_position=0, num_steps=self.val_batches,
+            self.val_set, seq_len or self.seq_len, batch_size or self.val_batch_size, self.micro_batch_size,
+            dp_rank=self.dp_rank, dp_size=self.dp_size, start_position=0,
+            num_steps=self.val_batches if num_batches is None else num_batches,
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
@@ -168,13 +197,46 @@ class TokenDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
         if trainer is not None and trainer.training and isinstance(batch, dict) and "next_position" in batch:
+            self._check_schedule(batch)
             self.position = int(batch["next_position"])
+            if "next_samples" in batch:
+                self.samples = int(batch["next_samples"])
+                # One transfer for all domains (a device-to-host copy on GPU).
+                positions = batch["next_domain_positions"].tolist()
+                self.domain_positions = dict(zip(self._train_set().domains, positions))
         return batch
 
+    def _check_schedule(self, batch: dict[str, Any]) -> None:
+        """A batch cut ahead of time must still have the layout the schedule gives its position.
+
+        A callback that changes the schedule at run time (gated context stages) must only
+        change it for positions no loader has reached yet; this catches one that does not.
+        """
+        if self.batch_schedule is None:
+            return
+        position, tokens = int(batch["position"]), batch["tokens"]
+        expected = self.batch_schedule(position)
+        got = (int(batch["next_position"]) - position) // (tokens.shape[-1] - 1), tokens.shape[-1] - 1
+        if got != tuple(expected):
+            raise RuntimeError(
+                f"the batch at token {position:,} was cut as {got[0]} x {got[1]} tokens but the schedule now says "
+                f"{expected[0]} x {expected[1]}: a callback changed the batch schedule for a batch already read"
+            )
+
     def state_dict(self) -> dict[str, Any]:
-        return {"position": int(self.position), "seq_len": int(self.seq_len)}
+        return {
+            "position": int(self.position),
+            "samples": int(self.samples),
+            "domain_positions": {d: int(p) for d, p in self.domain_positions.items()},
+            "seq_len": int(self.seq_len),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # The position is a token offset, valid whatever the seq_len, batch size or DP
+        # Token offsets and a sample count, valid whatever the seq_len, batch size or DP
         # size of the resumed run.
         self.position = int(state_dict["position"])
+        self.samples = int(state_dict.get("samples", 0))
+        if "domain_positions" in state_dict:
+            self.domain_positions = {str(d): int(p) for d, p in state_dict["domain_positions"].items()}
+        else:  # saved before domains existed: one flat stream, i.e. the single "default" domain
+            self.domain_positions = {DEFAULT_DOMAIN: self.position}

@@ -13,8 +13,13 @@ A *shard set* is a directory::
     {"format": "llama3-recipe-shards", "version": 1, "dtype": "uint32",
      "vocab_size": int, "bos_id": int, "eos_id": int, "tokenizer": str,
      "num_tokens": int, "num_documents": int,
-     "shards": [{"name": "shard_00000", "num_tokens": int, "num_documents": int}, ...],
+     "shards": [{"name": "shard_00000", "num_tokens": int, "num_documents": int,
+                 "domain": str}, ...],
      "report": {...}}
+
+Every shard holds documents of one domain only, so a domain is a group of shard files
+and a per-domain view costs no copy. An index written before shards carried a domain
+reads as one domain, ``"default"``.
 
 A set is written into ``<out_dir>.tmp-<pid>`` and renamed to ``out_dir`` only when
 complete, so a crash never leaves a directory a later run mistakes for finished data.
@@ -22,6 +27,7 @@ complete, so a crash never leaves a directory a later run mistakes for finished 
 ``ShardSet.window(start, length)`` reads ANY global token offset: the set is an
 endless repetition of itself (one endless epoch, see DESIGN.md), and document ids
 are unique per (epoch, document) so the attention mask never joins two documents.
+``ShardSet.domain(name)`` is the same over the shards of one domain only.
 """
 
 from __future__ import annotations
@@ -38,10 +44,11 @@ import numpy as np
 
 from recipe.data.errors import DataError
 
-__all__ = ["FORMAT", "VERSION", "ShardWriter", "ShardSet", "atomic_dir", "is_complete"]
+__all__ = ["DEFAULT_DOMAIN", "FORMAT", "VERSION", "ShardWriter", "ShardSet", "atomic_dir", "is_complete"]
 
 FORMAT = "llama3-recipe-shards"
 VERSION = 1
+DEFAULT_DOMAIN = "default"  # documents without a domain, and every shard of an older index
 DTYPE = np.uint32
 # 2**26 tokens = 256 MiB per tokens file: big enough that the file count stays small,
 # small enough that the writer's in-memory buffer stays modest.
@@ -103,7 +110,9 @@ class ShardWriter:
     """Append tokenized documents; ``close()`` writes index.json last and publishes the set.
 
     Usable as a context manager: an exception inside the ``with`` block aborts the
-    write and leaves nothing at ``out_dir``.
+    write and leaves nothing at ``out_dir``. One shard per domain is open at a time (so
+    the in-memory buffer is up to ``shard_tokens`` per domain), which keeps every shard
+    file single-domain without a second pass over the data.
     """
 
     def __init__(
@@ -126,14 +135,17 @@ class ShardWriter:
         self.shard_tokens = int(shard_tokens)
         self._ctx = atomic_dir(self.out_dir, overwrite=overwrite, what="shard set")
         self._tmp = self._ctx.__enter__()  # checks out_dir up front, before any work is done
-        self._parts: list[np.ndarray] = []  # documents of the open shard
-        self._part_tokens = 0
+        self._open: dict[str, list[np.ndarray]] = {}  # domain -> documents of its open shard
+        self._open_tokens: dict[str, int] = {}
         self._shards: list[dict[str, Any]] = []
         self._closed = False
 
     # -- writing
-    def add(self, tokens: Sequence[int] | np.ndarray) -> None:
-        """Append one document, already wrapped as ``[bos] + tokens + [eos]``."""
+    def add(self, tokens: Sequence[int] | np.ndarray, domain: str | None = None) -> None:
+        """Append one document, already wrapped as ``[bos] + tokens + [eos]``, to ``domain``.
+
+        ``domain`` None or empty means ``"default"``. Documents of different domains never share a shard.
+        """
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
         doc = np.asarray(tokens)
@@ -143,30 +155,37 @@ class ShardWriter:
             )
         if doc.min() < 0 or doc.max() >= self.vocab_size:
             raise DataError(f"token id out of range [0, {self.vocab_size}); the tokenizer does not match vocab_size")
-        if self._part_tokens and self._part_tokens + doc.size > self.shard_tokens:
-            self._flush()  # documents never straddle shards; a huge one gets a shard of its own
-        self._parts.append(doc.astype(DTYPE, copy=False))
-        self._part_tokens += doc.size
+        name = str(domain) if domain else DEFAULT_DOMAIN
+        parts = self._open.setdefault(name, [])
+        open_tokens = self._open_tokens.get(name, 0)
+        if open_tokens and open_tokens + doc.size > self.shard_tokens:
+            self._flush(name)  # documents never straddle shards; a huge one gets a shard of its own
+            parts, open_tokens = self._open.setdefault(name, []), 0
+        parts.append(doc.astype(DTYPE, copy=False))
+        self._open_tokens[name] = open_tokens + doc.size
 
-    def _flush(self) -> None:
-        if not self._parts:
+    def _flush(self, domain: str) -> None:
+        parts = self._open.pop(domain, [])
+        part_tokens = self._open_tokens.pop(domain, 0)
+        if not parts:
             return
         name = f"shard_{len(self._shards):05d}"
-        lengths = np.fromiter((p.size for p in self._parts), dtype=np.uint64, count=len(self._parts))
+        lengths = np.fromiter((p.size for p in parts), dtype=np.uint64, count=len(parts))
         starts = np.zeros(len(lengths), dtype=np.uint64)
         np.cumsum(lengths[:-1], out=starts[1:])
-        np.save(self._tmp / f"{name}.tokens.npy", np.concatenate(self._parts))
+        np.save(self._tmp / f"{name}.tokens.npy", np.concatenate(parts))
         np.save(self._tmp / f"{name}.docs.npy", starts)
-        self._shards.append({"name": name, "num_tokens": int(self._part_tokens), "num_documents": len(self._parts)})
-        self._parts, self._part_tokens = [], 0
+        self._shards.append(
+            {"name": name, "num_tokens": int(part_tokens), "num_documents": len(parts), "domain": domain}
+        )
 
     @property
     def num_tokens(self) -> int:
-        return sum(s["num_tokens"] for s in self._shards) + self._part_tokens
+        return sum(s["num_tokens"] for s in self._shards) + sum(self._open_tokens.values())
 
     @property
     def num_documents(self) -> int:
-        return sum(s["num_documents"] for s in self._shards) + len(self._parts)
+        return sum(s["num_documents"] for s in self._shards) + sum(len(p) for p in self._open.values())
 
     # -- finishing
     def close(self, report: dict[str, Any] | None = None) -> Path:
@@ -174,7 +193,8 @@ class ShardWriter:
         if self._closed:
             return self.out_dir
         try:
-            self._flush()
+            for domain in sorted(self._open):  # the last shards in a fixed order, not dict insertion order
+                self._flush(domain)
             index = {
                 "format": FORMAT,
                 "version": VERSION,
@@ -254,9 +274,12 @@ class ShardSet:
 
         shards = index["shards"]
         self.shard_names: list[str] = [s["name"] for s in shards]
+        self.shard_domains: list[str] = [str(s.get("domain") or DEFAULT_DOMAIN) for s in shards]
         sizes = np.array([int(s["num_tokens"]) for s in shards], dtype=np.int64)
         if int(sizes.sum()) != self.num_tokens or sum(int(s["num_documents"]) for s in shards) != self.num_documents:
             raise DataError(f"{index_path}: shard sizes do not add up to the totals; {_REBUILD}")
+        self._shard_sizes = sizes
+        self._shard_docs = np.array([int(s["num_documents"]) for s in shards], dtype=np.int64)
         # Global token offset where each shard starts (plus the end, for searchsorted).
         self._shard_starts = np.zeros(len(shards) + 1, dtype=np.int64)
         np.cumsum(sizes, out=self._shard_starts[1:])
@@ -267,6 +290,67 @@ class ShardSet:
         # Global start offset of every document, in order (document d = [starts[d], starts[d+1])).
         self.doc_starts: np.ndarray = np.concatenate(doc_starts) if doc_starts else np.zeros(0, np.int64)
         self._tokens: list[np.ndarray] | None = None
+        self.selected_domain: str | None = None  # set on a view made by domain()
+        self._views: dict[str, ShardSet] = {}
+
+    # ------------------------------------------------------------ domains
+    @property
+    def domains(self) -> list[str]:
+        """Names of the domains of this set, sorted."""
+        return sorted(set(self.shard_domains))
+
+    @property
+    def domain_tokens(self) -> dict[str, int]:
+        """Tokens per domain (sorted by name)."""
+        return self._per_domain(self._shard_sizes)
+
+    @property
+    def domain_documents(self) -> dict[str, int]:
+        """Documents per domain (sorted by name)."""
+        return self._per_domain(self._shard_docs)
+
+    def _per_domain(self, per_shard) -> dict[str, int]:
+        totals = {name: 0 for name in self.domains}
+        for name, n in zip(self.shard_domains, per_shard):
+            totals[name] += int(n)
+        return totals
+
+    def domain(self, name: str) -> ShardSet:
+        """A view of the shards of domain ``name``: the same ``window`` semantics over its own documents.
+
+        The view shares nothing mutable with this set and opens only its own shard files.
+        """
+        if name not in self.shard_domains:
+            raise DataError(f"{self.path} has no domain {name!r}; choose one of its domains: {', '.join(self.domains)}")
+        if self.selected_domain is not None:
+            return self  # a view holds one domain, and it is this one
+        if name not in self._views:
+            self._views[name] = self._view([i for i, d in enumerate(self.shard_domains) if d == name], name)
+        return self._views[name]
+
+    def _view(self, keep: list[int], name: str) -> ShardSet:
+        view = object.__new__(ShardSet)
+        view.__dict__.update(self.__dict__)  # metadata, report and ``index`` stay the whole set's
+        doc_bounds = np.zeros(len(self._shard_docs) + 1, dtype=np.int64)
+        np.cumsum(self._shard_docs, out=doc_bounds[1:])
+        sizes = self._shard_sizes[keep]
+        view.shard_names = [self.shard_names[i] for i in keep]
+        view.shard_domains = [name] * len(keep)
+        view._shard_sizes = sizes
+        view._shard_docs = self._shard_docs[keep]
+        view._shard_starts = np.zeros(len(keep) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=view._shard_starts[1:])
+        # Re-base each kept shard's document offsets from the full set's layout onto the view's.
+        view.doc_starts = np.concatenate(
+            [self.doc_starts[doc_bounds[i] : doc_bounds[i + 1]] - self._shard_starts[i] + view._shard_starts[k]
+             for k, i in enumerate(keep)]
+        ) if keep else np.zeros(0, np.int64)  # fmt: skip
+        view.num_tokens = int(sizes.sum())
+        view.num_documents = int(view._shard_docs.sum())
+        view._tokens = None
+        view.selected_domain = name
+        view._views = {}
+        return view
 
     def _check_shard(self, shard: dict[str, Any]) -> np.ndarray:
         """Validate one shard's files against the index; return its document offsets."""
@@ -304,10 +388,13 @@ class ShardSet:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_tokens"] = None
+        state["_views"] = {}
         return state
 
     def __repr__(self) -> str:
-        return f"ShardSet({str(self.path)!r}, num_tokens={self.num_tokens}, num_documents={self.num_documents})"
+        domain = f", domain={self.selected_domain!r}" if self.selected_domain is not None else ""
+        return (f"ShardSet({str(self.path)!r}{domain}, num_tokens={self.num_tokens}, "
+                f"num_documents={self.num_documents})")
 
     def document(self, i: int) -> np.ndarray:
         """Tokens of document ``i`` (``[bos] + tokens + [eos]``) as int64."""

@@ -1,0 +1,1 @@
+"""Evaluations the training recipe runs on the live model (any parallel layout)."""
