@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from recipe.errors import ConfigError
+
 
 @dataclass
 class LRSchedule:
@@ -19,7 +21,7 @@ class LRSchedule:
 
     def __post_init__(self) -> None:
         if self.warmup_steps < 0 or self.decay_steps <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"lr_schedule needs warmup_steps >= 0 and decay_steps > 0, got {self.warmup_steps} and "
                 f"{self.decay_steps}; fix model.lr_schedule in the config"
             )
