@@ -28,6 +28,10 @@ commands:
   test       held-out loss of a checkpoint:   recipe test --config ... --ckpt_path PATH
   info       exact parameter count and shapes: recipe info --config configs/llama3_405b.yaml
   data       build token shards: recipe data demo | recipe data build CORPUS OUT
+  import     Meta or Hugging Face Llama 3 weights -> a recipe checkpoint
+  export     a recipe checkpoint -> Hugging Face safetensors
+  generate   sample text from a checkpoint: recipe generate --ckpt PATH --prompt TEXT
+  scaling    scaling-law sweeps and fits: recipe scaling sweep|fit|forecast|mix|anneal-probe
 
 Run `recipe <command> --help` for the options of each command.
 Set RECIPE_TRACEBACK=1 to see the full traceback of configuration and data errors."""
@@ -162,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
             from recipe.data.cli import main as data_main
 
             return data_main(rest)
+        if command in ("import", "export", "generate"):
+            from recipe.interop.cli import main as interop_main
+
+            return interop_main(command, rest)
+        if command == "scaling":
+            from recipe.scaling.cli import main as scaling_main
+
+            return scaling_main(rest)
     except Exception as err:
         user_error = find_user_error(err)
         if user_error is None or os.environ.get("RECIPE_TRACEBACK"):
