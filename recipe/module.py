@@ -20,8 +20,10 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 
 from recipe.errors import ConfigError
+from recipe.guard import StepGuard
 from recipe.model import ModelArgs, ModelConfigError, RopeScaling, Transformer, init_parameter
 from recipe.parallel.clip import clip_grad_norm
 from recipe.parallel.fsdp import set_gradient_sync
@@ -49,6 +51,7 @@ class LlamaLightningModule(L.LightningModule):
         init_seed: int = 0,
         init_weights_path: str | None = None,
         init_mode: Literal["replicable", "local"] = "replicable",
+        guard: StepGuard | None = None,
     ) -> None:
         """
         Args:
@@ -64,6 +67,8 @@ class LlamaLightningModule(L.LightningModule):
                 and shards it, so every parallel layout starts from the same weights as one
                 process (costs one full layer of host memory at a time); "local" draws each
                 shard on its own rank (fast for huge models, but layout-dependent).
+            guard: skip steps with non-finite loss or gradients, watch for loss spikes
+                (``recipe.guard.StepGuard``; default: skip, stop after 5 in a row).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -74,6 +79,7 @@ class LlamaLightningModule(L.LightningModule):
         self.init_seed = init_seed
         self.init_weights_path = init_weights_path
         self.init_mode = init_mode
+        self.guard = guard or StepGuard()
         self.automatic_optimization = False
         self.model: Transformer | None = None
         self.pipeline = None  # a PipelineRunner when the strategy splits the model into stages
@@ -273,12 +279,17 @@ class LlamaLightningModule(L.LightningModule):
                     loss_sum += as_local(loss.detach())
 
         grad_norm = clip_grad_norm(self.parameters(), self.grad_clip, pp_group=self._pp_group())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
         # Only the last pipeline stage holds a loss (the others add zero).
         loss = self._sum_over_pipeline(self._sum_over_data(loss_sum))
-        self.tokens_seen += global_targets
+        # Loss and norm are global, so every rank reaches the same verdict.
+        skip, reason = self.guard.check(float(loss), float(grad_norm), f"at {self.tokens_seen:,} tokens")
+        if skip:
+            rank_zero_warn(f"skipped the step at {self.tokens_seen:,} tokens: {reason}")
+        else:
+            optimizer.step()
+            self.tokens_seen += global_targets
+        optimizer.zero_grad(set_to_none=True)
+
         seq_len = tokens.shape[-1] - 1
         self.log("train/loss", loss, prog_bar=True, rank_zero_only=True)
         self.log("train/lr", lr, rank_zero_only=True)
@@ -288,6 +299,9 @@ class LlamaLightningModule(L.LightningModule):
         self.log("train/batch_tokens", float(global_targets), rank_zero_only=True)
         self.log("train/seq_len", float(seq_len), rank_zero_only=True)
         self.log("train/step_time", time.perf_counter() - start, rank_zero_only=True)
+        self.log("train/skipped_steps", float(self.guard.skipped_steps), rank_zero_only=True)
+        if self.guard.spike_factor is not None:
+            self.log("train/loss_spikes", float(self.guard.spikes), rank_zero_only=True)
         return loss
 
     # ------------------------------------------------------------------ evaluation
@@ -372,9 +386,11 @@ class LlamaLightningModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint["step_guard"] = self.guard.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+        self.guard.load_state_dict(checkpoint.get("step_guard", {}))
 
 
 def _masked_targets(targets: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
