@@ -275,7 +275,8 @@ class WeightAveraging(L.Callback):
             return
         import torch.distributed.checkpoint as dcp
 
-        path = trainer.ckpt_path
+        # The strategy may have fallen back from a damaged checkpoint to an intact one.
+        path = getattr(trainer.strategy, "loaded_checkpoint_path", None) or trainer.ckpt_path
         params = self._parameters(trainer, pl_module)
         stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         missing = [n for n in params if f"state_dict.{self.prefix}{n}" not in stored]

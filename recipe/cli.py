@@ -158,7 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         if command in LIGHTNING_COMMANDS:
-            lightning_main(argv)
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            try:
+                lightning_main(argv)
+            except SIGTERMException:
+                # Stopped (and checkpointed) on a termination signal: the conventional 128 + 15
+                # tells a scheduler that the job did not finish, so that it requeues it.
+                return 143
             return 0
         if command == "info":
             return info_main(rest)

@@ -81,6 +81,10 @@ class Parallel4DStrategy(ModelParallelStrategy):
         self.activation_checkpointing_every_n = activation_checkpointing_every_n
         self.param_precision = precision
         self.pipeline_stages: list[tuple[int, nn.Module]] = []
+        from recipe.checkpointing import AtomicCheckpointIO
+
+        self.checkpoint_io = AtomicCheckpointIO()  # full-state (non-DCP) saves
+        self.loaded_checkpoint_path: Path | None = None
 
     # ------------------------------------------------------------------ environment
 
@@ -188,6 +192,65 @@ class Parallel4DStrategy(ModelParallelStrategy):
                                    full_state_dict=not self._save_distributed_checkpoint)
         return get_optimizer_state_dict(self.model, optimizer, options=options)
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path,
+                        storage_options: Any | None = None) -> None:
+        """Write a DCP checkpoint under ``<path>.partial`` and publish it only when complete.
+
+        Every rank writes its shards and hashes its share of the files; rank 0 writes
+        ``meta.pt`` and the manifest, then renames the directory into place. ``path`` is
+        therefore always a complete checkpoint (or absent), whatever moment a crash hits.
+        """
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        import shutil
+
+        import torch.distributed.checkpoint as dcp
+
+        from recipe.checkpointing import DIR_MANIFEST, PARTIAL, file_entry, publish_dir, write_manifest
+
+        path = Path(self.broadcast(str(filepath)))
+        tmp = path.with_name(path.name + PARTIAL)
+        if self.global_rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # the leftover of a save that crashed
+            tmp.mkdir(parents=True)
+        self.barrier()
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": o for i, o in enumerate(checkpoint.pop("optimizer_states", []))})
+        dcp.save(state, checkpoint_id=tmp)
+        if self.global_rank == 0:
+            torch.save(checkpoint, tmp / "meta.pt")
+        self.barrier()
+        names = sorted(p.name for p in tmp.iterdir())
+        mine = {name: file_entry(tmp / name) for name in names[self.global_rank::self.world_size]}
+        shares: list[dict[str, Any]] = [{} for _ in range(self.world_size)]
+        dist.all_gather_object(shares, mine)
+        if self.global_rank == 0:
+            files = {name: entry for share in shares for name, entry in share.items()}
+            write_manifest(tmp / DIR_MANIFEST, files, checkpoint.get("global_step"))
+            publish_dir(tmp, path)
+        self.barrier()
+
+    def remove_checkpoint(self, filepath: str | Path) -> None:
+        if self.global_rank == 0:
+            from recipe.checkpointing import remove
+
+            remove(Path(filepath))
+
+    def _intact_checkpoint(self, path: Path) -> Path:
+        """``path``, or the newest intact checkpoint beside it; ranks share the hashing."""
+        from recipe.checkpointing import manifest_files, problems, resolve_intact
+
+        def check(candidate: Path) -> list[str]:
+            names = manifest_files(candidate)
+            found = problems(candidate, names[self.global_rank::self.world_size]) if names else \
+                problems(candidate, [])
+            everyone: list[list[str]] = [[] for _ in range(self.world_size)]
+            dist.all_gather_object(everyone, found)
+            return [fault for faults in everyone for fault in faults]
+
+        return resolve_intact(path, check)
+
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
         """Load a DCP checkpoint written under any layout into this one."""
         import torch.distributed.checkpoint as dcp
@@ -199,7 +262,8 @@ class Parallel4DStrategy(ModelParallelStrategy):
             set_optimizer_state_dict,
         )
 
-        path = Path(self.broadcast(str(checkpoint_path)))
+        path = self._intact_checkpoint(Path(self.broadcast(str(checkpoint_path))))
+        self.loaded_checkpoint_path = path  # the one actually read, after any fallback
         if not (path / "meta.pt").is_file():
             raise ConfigError(
                 f"{path} is not a distributed checkpoint of this recipe (no meta.pt); pass a checkpoint directory "
@@ -213,4 +277,8 @@ class Parallel4DStrategy(ModelParallelStrategy):
         set_model_state_dict(self.model, state["state_dict"], options=StateDictOptions(strict=True))
         for i, optimizer in enumerate(self.optimizers):
             set_optimizer_state_dict(self.model, optimizer, state[f"optimizer_{i}"], options=flat)
-        return torch.load(path / "meta.pt", weights_only=False if weights_only is None else weights_only)
+        if weights_only is False:
+            return torch.load(path / "meta.pt", weights_only=False)
+        from recipe.checkpointing import load_trusted
+
+        return load_trusted(path / "meta.pt")

@@ -1,0 +1,238 @@
+"""Fault injection: kill, corrupt, pre-empt - the run restarts from an intact checkpoint and repeats itself exactly."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from callbacks.checkpoint import RecipeCheckpoint
+from cli_runs import tiny_fit_config
+from fault_injection import read_loss_log
+from recipe.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointCorruptError,
+    UntrustedCheckpointError,
+    manifest_path,
+    problems,
+)
+from recipe.cli import main
+from recipe.model import ModelArgs
+from stdlib_corpus import stdlib_shards
+
+STEPS = 6
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def corrupt(path: Path, offset_fraction: float = 0.5) -> None:
+    """Flip one byte in the middle of a file (or of the largest file of a directory)."""
+    if path.is_dir():
+        path = max((p for p in path.iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * offset_fraction)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def test_atomic_save_writes_a_manifest_and_verifies_on_load(tmp_path):
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1, "w": torch.arange(10.0), "arch": ModelArgs(dim=64)}, tmp_path / "a.ckpt")
+    assert manifest_path(tmp_path / "a.ckpt").is_file() and not list(tmp_path.glob("*.partial"))
+    assert problems(tmp_path / "a.ckpt") == []
+    loaded = io.load_checkpoint(tmp_path / "a.ckpt")  # weights_only, with the recipe's classes allowed
+    assert torch.equal(loaded["w"], torch.arange(10.0)) and loaded["arch"].dim == 64
+
+    io.save_checkpoint({"global_step": 2, "w": torch.ones(10)}, tmp_path / "b.ckpt")
+    corrupt(tmp_path / "b.ckpt")
+    assert "corrupted" in problems(tmp_path / "b.ckpt")[0]
+    with pytest.warns(UserWarning, match="b.ckpt is damaged .* falling back to .*a.ckpt"):
+        assert torch.equal(io.load_checkpoint(tmp_path / "b.ckpt")["w"], torch.arange(10.0))
+
+    with open(tmp_path / "a.ckpt", "r+b") as f:
+        f.truncate(100)
+    assert "truncated" in problems(tmp_path / "a.ckpt")[0]
+    with pytest.raises(CheckpointCorruptError, match="no intact checkpoint is next to it"):
+        io.load_checkpoint(tmp_path / "b.ckpt")
+
+
+def test_untrusted_objects_are_not_unpickled(tmp_path):
+    AtomicCheckpointIO().save_checkpoint({"global_step": 0, "payload": os.system}, tmp_path / "evil.ckpt")
+    with pytest.raises(UntrustedCheckpointError, match="holds an object of class .*system, which a checkpoint"):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "evil.ckpt")
+
+
+def test_retention_keeps_the_newest_and_every_mth(tmp_path):
+    callback = RecipeCheckpoint(dirpath=str(tmp_path), keep_last=2, keep_every=4)
+    for step in range(1, 10):
+        AtomicCheckpointIO().save_checkpoint({"global_step": step}, tmp_path / f"step={step:08d}.ckpt")
+    (tmp_path / "last.ckpt").write_bytes(b"kept")
+    removed = callback.prune()
+    assert [s for s, _ in callback.step_checkpoints()] == [4, 8, 9] and len(removed) == 6
+    assert (tmp_path / "last.ckpt").exists() and not (tmp_path / "step=00000005.ckpt.manifest.json").exists()
+    with pytest.raises(Exception, match="keep_last must be >= 1"):
+        RecipeCheckpoint(dirpath=str(tmp_path), keep_last=0)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return stdlib_shards(tmp_path_factory.mktemp("faults"))
+
+
+def config(tmp_path: Path, data_dir: Path, run: str, extra: list[dict] | None = None) -> Path:
+    """A 6-step run checkpointing every step (RecipeCheckpoint) and logging losses to ``<run>.losses``."""
+    log = {"class_path": "fault_injection.LossLog", "init_args": {"path": str(tmp_path / f"{run}.losses")}}
+    path = tiny_fit_config(tmp_path, data_dir, run, STEPS, [log, *(extra or [])], seed=11, checkpoint_every=1,
+                           lr_schedule={"warmup_steps": 1, "decay_steps": 20, "min_lr": 1e-4})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["trainer"]["callbacks"][-1] = {"class_path": "callbacks.checkpoint.RecipeCheckpoint",
+                                       "init_args": {"dirpath": str(tmp_path / run / "ckpt"),
+                                                     "every_n_train_steps": 1, "keep_last": 3}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(args: list[str], **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    return subprocess.Popen([sys.executable, "-m", "recipe.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory) -> dict[int, float]:
+    tmp = tmp_path_factory.mktemp("straight")
+    assert main(["fit", "--config", str(config(tmp, data_dir, "straight"))]) == 0
+    losses = read_loss_log(tmp / "straight.losses")
+    assert sorted(losses) == list(range(STEPS))
+    return losses
+
+
+def test_sigkill_at_a_random_step_then_resume_repeats_the_run(tmp_path, data_dir, straight):
+    step = random.Random(7).randint(1, STEPS - 1)  # a seeded "random" step
+    kill = {"class_path": "fault_injection.KillAt", "init_args": {"step": step}}
+    cfg = config(tmp_path, data_dir, "killed", [kill])
+    proc = run_cli(["fit", "--config", str(cfg)])
+    proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    before = read_loss_log(tmp_path / "killed.losses")
+    assert max(before) == step - 1  # it died after `step` steps, before saving the last one
+    # The same config without the kill, resumed from whatever the dead run left.
+    assert main(["fit", "--config", str(config(tmp_path, data_dir, "killed")), "--ckpt_path", "last"]) == 0
+    after = read_loss_log(tmp_path / "killed.losses")
+    assert sorted(after) == list(range(STEPS))
+    assert after == straight  # bit for bit, the replayed step included
+
+
+def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir, straight, recwarn):
+    cfg = config(tmp_path, data_dir, "corrupt")
+    assert main(["fit", "--config", str(cfg), "--trainer.max_steps", "4"]) == 0
+    ckpt = tmp_path / "corrupt" / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("*.ckpt")) == [
+        "last.ckpt", "step=00000002.ckpt", "step=00000003.ckpt", "step=00000004.ckpt"]  # keep_last=3
+    corrupt(ckpt / "last.ckpt")
+    with open(ckpt / "step=00000004.ckpt", "r+b") as f:  # and the step checkpoint of the same state, truncated
+        f.truncate(1000)
+    assert main(["fit", "--config", str(cfg), "--ckpt_path", "last"]) == 0
+    messages = [str(w.message) for w in recwarn]
+    assert any("last.ckpt is damaged" in m and "step=00000003.ckpt" in m for m in messages), messages
+    assert read_loss_log(tmp_path / "corrupt.losses") == straight  # step 3 onwards replayed exactly
+
+
+def test_sigterm_saves_at_the_next_step_boundary_and_resumes(tmp_path, data_dir, straight):
+    slow = {"class_path": "fault_injection.SlowSteps", "init_args": {"seconds": 0.5}}
+    cfg = config(tmp_path, data_dir, "preempted", [slow])
+    proc = run_cli(["fit", "--config", str(cfg)])
+    losses = tmp_path / "preempted.losses"
+    deadline = time.monotonic() + 240
+    while (not losses.exists() or len(losses.read_text().splitlines()) < 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "stopped by a termination signal" in err, err[-2000:]
+    saved = torch.load(tmp_path / "preempted" / "ckpt" / "last.ckpt", weights_only=True)
+    done = read_loss_log(losses)
+    assert saved["global_step"] == max(done) + 1 < STEPS  # the state after the last finished step
+    assert main(["fit", "--config", str(config(tmp_path, data_dir, "preempted")), "--ckpt_path", "last"]) == 0
+    assert read_loss_log(losses) == straight
+
+
+def _sharded_runs(data_dir: str, root: str) -> dict:
+    """fsdp2: 4 straight steps; then 3 steps, damage the newest checkpoints, resume to 4."""
+    import lightning as L
+
+    from fault_injection import LossLog
+    from recipe.data.datamodule import TokenDataModule
+    from recipe.module import LlamaLightningModule
+    from recipe.parallel.strategy import Parallel4DStrategy
+
+    arch = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, ffn_dim_multiplier=None,
+                     max_seq_len=32)
+
+    def fit(run: str, steps: int, ckpt_path: str | None = None) -> None:
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=Parallel4DStrategy(dp_shard=2), max_steps=steps,
+                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, num_sanity_val_steps=0,
+                            callbacks=[LossLog(f"{root}/{run}.losses"),
+                                       RecipeCheckpoint(dirpath=f"{root}/{run}", every_n_train_steps=1)])
+        data = TokenDataModule(data_dir=data_dir, seq_len=16, global_batch_size=4, micro_batch_size=2,
+                               val_batches=0, build_demo=False)
+        trainer.fit(LlamaLightningModule(arch=arch), datamodule=data, ckpt_path=ckpt_path)
+
+    fit("straight", 4)
+    fit("damaged", 3)
+    if int(os.environ["RANK"]) == 0:
+        corrupt(Path(root) / "damaged" / "last.ckpt")
+        corrupt(Path(root) / "damaged" / "step=00000003.ckpt")
+    torch.distributed.barrier()
+    import warnings
+
+    with warnings.catch_warnings(record=True) as warned:  # rank 0 warns
+        warnings.simplefilter("always")
+        fit("damaged", 4, ckpt_path=f"{root}/damaged/last.ckpt")
+    return {"warnings": [str(w.message) for w in warned if "damaged" in str(w.message)]}
+
+
+def test_a_damaged_sharded_checkpoint_falls_back_under_fsdp(tmp_path, data_dir):
+    from dist_harness import run_world
+
+    results = run_world(_sharded_runs, 2, data_dir=str(data_dir), root=str(tmp_path))
+    assert any("step=00000002.ckpt" in m for m in results[0]["warnings"]), results[0]
+    assert read_loss_log(tmp_path / "damaged.losses") == read_loss_log(tmp_path / "straight.losses")
+    assert (tmp_path / "damaged" / "last.ckpt" / "MANIFEST.json").is_file()
+
+
+def test_when_one_rank_of_four_dies_the_others_exit_naming_it(tmp_path, data_dir):
+    kill = {"class_path": "fault_injection.KillAt", "init_args": {"step": 2, "rank": 2}}
+    watchdog = {"class_path": "callbacks.watchdog.RankWatchdog", "init_args": {"poll_seconds": 0.5}}
+    cfg = config(tmp_path, data_dir, "rank_dies", [kill, watchdog])
+    strategy = ["--trainer.devices", "4", "--trainer.strategy", "recipe.parallel.strategy.Parallel4DStrategy",
+                "--trainer.strategy.dp_shard", "4", "--data.global_batch_size", "8",
+                "--trainer.default_root_dir", str(tmp_path / "rank_dies")]
+    proc = run_cli(["fit", "--config", str(cfg), *strategy])
+    losses = tmp_path / "rank_dies.losses"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:  # wait for the kill (rank 0 logs step 1)
+        if losses.exists() and len(losses.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    died = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert time.monotonic() - died < 60
+    assert proc.returncode != 0 and "rank 2 (pid" in err and "died" in err, err[-3000:]
+    ranks = list((tmp_path / "rank_dies" / ".ranks").glob("*/rank*.json"))
+    assert len(ranks) == 4
+    time.sleep(2)
+    for info in ranks:  # no rank left behind
+        pid = json.loads(info.read_text())["pid"]
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:4]
