@@ -127,9 +127,17 @@ def lightning_main(argv: list[str]) -> None:
     from recipe.data.datamodule import TokenDataModule
     from recipe.module import LlamaLightningModule
 
+    class RecipeCLI(LightningCLI):
+        def before_fit(self) -> None:
+            # In the launching process, before any rank starts: the common config errors
+            # surface as one line here instead of once per rank after start-up.
+            from recipe.preflight import check_fit
+
+            check_fit(self.trainer, self.model, self.datamodule)
+
     # Our step saves after the optimizer update on purpose: that is the state to resume.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    LightningCLI(
+    RecipeCLI(
         LlamaLightningModule,
         TokenDataModule,
         # From the console script argv *is* sys.argv[1:]; Lightning warns when given both.
