@@ -212,12 +212,13 @@ def test_a_damaged_sharded_checkpoint_falls_back_under_fsdp(tmp_path, data_dir):
     assert (tmp_path / "damaged" / "last.ckpt" / "MANIFEST.json").is_file()
 
 
-def test_when_one_rank_of_four_dies_the_others_exit_naming_it(tmp_path, data_dir):
+def test_when_one_rank_of_four_dies_the_others_exit_naming_it_and_the_run_resumes(tmp_path, data_dir, straight):
     kill = {"class_path": "fault_injection.KillAt", "init_args": {"step": 2, "rank": 2}}
     watchdog = {"class_path": "callbacks.watchdog.RankWatchdog", "init_args": {"poll_seconds": 0.5}}
     cfg = config(tmp_path, data_dir, "rank_dies", [kill, watchdog])
+    # FSDP over 4 ranks, one sequence each: the single-process run's batches.
     strategy = ["--trainer.devices", "4", "--trainer.strategy", "recipe.parallel.strategy.Parallel4DStrategy",
-                "--trainer.strategy.dp_shard", "4", "--data.global_batch_size", "8",
+                "--trainer.strategy.dp_shard", "4", "--data.micro_batch_size", "1",
                 "--trainer.default_root_dir", str(tmp_path / "rank_dies")]
     proc = run_cli(["fit", "--config", str(cfg), *strategy])
     losses = tmp_path / "rank_dies.losses"
@@ -236,3 +237,11 @@ def test_when_one_rank_of_four_dies_the_others_exit_naming_it(tmp_path, data_dir
     for info in ranks:  # no rank left behind
         pid = json.loads(info.read_text())["pid"]
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:4]
+    # Restarted on all four ranks from the last intact checkpoint: the run goes on as if never stopped.
+    resumed = run_cli(["fit", "--config", str(config(tmp_path, data_dir, "rank_dies", [watchdog])), *strategy,
+                       "--ckpt_path", "last"])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    losses = read_loss_log(tmp_path / "rank_dies.losses")
+    assert sorted(losses) == list(range(STEPS))
+    assert [losses[s] for s in range(STEPS)] == pytest.approx([straight[s] for s in range(STEPS)], abs=1e-5)
