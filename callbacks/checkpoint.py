@@ -34,7 +34,7 @@ _STEP = re.compile(r"^step=(\d+)\.ckpt$")
 
 class RecipeCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: str, every_n_train_steps: int = 1000, keep_last: int = 3,
-                 keep_every: int | None = None, save_on_preemption: bool = True,
+                 keep_every: int | None = None, save_on_preemption: bool = True, async_save: bool = False,
                  filename: str = "step={step:08d}", auto_insert_metric_name: bool = False,
                  enable_version_counter: bool = False, **kwargs: Any) -> None:
         """
@@ -45,6 +45,9 @@ class RecipeCheckpoint(ModelCheckpoint):
             keep_every: also keep every checkpoint whose step is a multiple of this.
             save_on_preemption: on SIGTERM/SIGUSR1 save ``last.ckpt`` at the next step
                 boundary, then exit.
+            async_save: write file checkpoints (one process, DDP) in a background thread from
+                a copy of the state, so training goes on during the write. Sharded (DCP)
+                checkpoints of the 4D strategy are always written synchronously.
         """
         if keep_last < 1:
             raise ConfigError(f"RecipeCheckpoint keep_last must be >= 1, got {keep_last}")
@@ -60,6 +63,7 @@ class RecipeCheckpoint(ModelCheckpoint):
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.save_on_preemption = save_on_preemption
+        self.async_save = async_save
         self._previous_sigusr1: Any = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -69,6 +73,11 @@ class RecipeCheckpoint(ModelCheckpoint):
         # strategy does the same for its distributed checkpoints itself.
         if type(getattr(strategy, "checkpoint_io", None)) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.async_save and isinstance(strategy.checkpoint_io, AtomicCheckpointIO):
+            from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+            # It clones the state's tensors before handing them to its writer thread.
+            strategy.checkpoint_io = AsyncCheckpointIO(strategy.checkpoint_io)
 
     # ------------------------------------------------------------------ retention
 

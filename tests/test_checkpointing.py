@@ -85,6 +85,20 @@ def test_retention_keeps_the_newest_and_every_mth(tmp_path):
 # ----------------------------------------------------------------------------- runs
 
 
+def test_asynchronous_saves_are_complete_and_verified(tmp_path, data_dir, straight):
+    cfg = config(tmp_path, data_dir, "async")
+    spec = yaml.safe_load(cfg.read_text())
+    spec["trainer"]["callbacks"][-1]["init_args"]["async_save"] = True
+    cfg.write_text(yaml.safe_dump(spec))
+    assert main(["fit", "--config", str(cfg), "--trainer.max_steps", "3"]) == 0
+    ckpt = tmp_path / "async" / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("*.ckpt")) == [
+        "last.ckpt", "step=00000001.ckpt", "step=00000002.ckpt", "step=00000003.ckpt"]
+    assert all(problems(p) == [] for p in ckpt.glob("*.ckpt"))
+    assert main(["fit", "--config", str(cfg), "--ckpt_path", "last"]) == 0
+    assert read_loss_log(tmp_path / "async.losses") == straight
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return stdlib_shards(tmp_path_factory.mktemp("faults"))
