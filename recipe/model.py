@@ -185,13 +185,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                cache: LayerCache | None = None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         # -1 instead of n_heads: under tensor parallelism each rank holds a slice of heads.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cache is not None:  # decoding: the new queries also attend to every earlier position
+            k, v = cache.append(k, v)
         out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -230,9 +233,55 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        # `cache` by keyword: the tensor-parallel plan lays out the positional inputs only.
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache=cache)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+class LayerCache:
+    """One block's keys and values (after RoPE) of the positions decoded so far."""
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
+        self.keys = torch.zeros(batch_size, max_len, n_kv_heads, head_dim, device=device, dtype=dtype)
+        self.values = torch.zeros_like(self.keys)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' ``[batch, seq, n_kv_heads, head_dim]`` K/V; all cached K/V."""
+        end = self.length + k.shape[1]
+        self.keys[:, self.length:end] = k
+        self.values[:, self.length:end] = v
+        self.length = end
+        return self.keys[:, :end], self.values[:, :end]
+
+
+class KVCache:
+    """Keys and values of every block, for incremental decoding (inference only).
+
+    ``Transformer.forward(new_tokens, cache=cache)`` places the new tokens after the cached
+    ones; training never builds a cache, so its path is unchanged.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int,
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
+        if max_len > args.max_seq_len:
+            raise ModelConfigError(f"a cache of {max_len} positions exceeds model.max_seq_len={args.max_seq_len}; "
+                                   "shorten the prompt or the number of new tokens")
+        self.max_len = max_len
+        self.layers = {str(i): LayerCache(batch_size, max_len, args.n_kv_heads, args.head_dim, device, dtype)
+                       for i in range(args.n_layers)}
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far."""
+        return next(iter(self.layers.values())).length
 
 
 # ----------------------------------------------------------------------------- model
@@ -269,7 +318,8 @@ class Transformer(nn.Module):
                 init_parameter(self.args, name, param, generator_for(name) if generator_for else None)
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """tokens: [batch, seq] ids (or hidden states on a later pipeline stage).
 
         doc_ids: [batch, seq] document of each token (None: one document per row).
@@ -277,8 +327,17 @@ class Transformer(nn.Module):
         mask: a ready boolean attention mask ``[batch, 1, seq, kv_len]`` that replaces the
             one derived from ``doc_ids`` (for callers whose keys are not the local tokens,
             such as context parallelism).
+        cache: inference only - the new tokens follow the cached positions and attend to them
+            (one document; ``positions`` and ``mask`` are derived from the cache).
         """
         seqlen = tokens.shape[1]
+        if cache is not None:
+            start = cache.length
+            if start + seqlen > cache.max_len:
+                raise ModelConfigError(f"{start + seqlen} positions exceed the KV cache's {cache.max_len}")
+            positions = torch.arange(start, start + seqlen, device=tokens.device)
+            # Causal over absolute positions: SDPA's is_causal would align the queries with key 0.
+            mask = (positions.unsqueeze(-1) >= torch.arange(start + seqlen, device=tokens.device))[None, None]
         if positions is None and seqlen > self.args.max_seq_len:
             raise ModelConfigError(
                 f"sequence length {seqlen} exceeds model.max_seq_len={self.args.max_seq_len}; "
@@ -290,8 +349,8 @@ class Transformer(nn.Module):
             rope = rope.unsqueeze(0)
         if mask is None:
             mask = document_causal_mask(doc_ids)
-        for layer in self.layers.values():
-            h = layer(h, rope, mask)
+        for key, layer in self.layers.items():
+            h = layer(h, rope, mask, cache=None if cache is None else cache.layers[key])
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

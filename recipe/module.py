@@ -60,9 +60,10 @@ class LlamaLightningModule(L.LightningModule):
             lr_schedule: warm-up and cosine decay to a floor, in optimizer steps.
             grad_clip: clip the global gradient norm to this value (None: no clipping).
             init_seed: seed of the weight initialisation, independent of the data order.
-            init_weights_path: a full (unsharded) model state dict saved with ``torch.save``,
-                loaded after initialisation under any parallel layout - the same starting
-                weights whatever the layout.
+            init_weights_path: the starting weights, loaded after initialisation under any
+                parallel layout: a full (unsharded) state dict saved with ``torch.save``, or a
+                distributed checkpoint directory of the full model (what ``recipe import``
+                writes), read shard by shard on each rank.
             init_mode: "replicable" draws every parameter in full from its own seeded stream
                 and shards it, so every parallel layout starts from the same weights as one
                 process (costs one full layer of host memory at a time); "local" draws each
@@ -87,6 +88,7 @@ class LlamaLightningModule(L.LightningModule):
         # Knob for recipe callbacks: (tokens_seen, scheduled lr) -> lr of the coming step.
         self.lr_override = None
         self.phase = 0  # 0 main training, 1 annealing (set by the annealing callback)
+        self.live_rope: tuple[float, RopeScaling | None] | None = None  # set when a context stage changes RoPE
         self._val_sum = torch.zeros(())
         self._val_count = torch.zeros(())
 
@@ -366,6 +368,7 @@ class LlamaLightningModule(L.LightningModule):
         for part in parts:
             part.args = replace(part.args, rope_theta=rope_theta, rope_scaling=rope_scaling)
             part.init_buffers(self.device)
+        self.live_rope = (rope_theta, rope_scaling)
 
     def on_validation_epoch_end(self) -> None:
         total = self._sum_over_pipeline(self._sum_over_data(self._val_sum))
@@ -386,6 +389,17 @@ class LlamaLightningModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        hparams = checkpoint.get("hyper_parameters")
+        if self.live_rope is not None and isinstance(hparams, dict) and hparams.get("arch") is not None:
+            # The weights were last trained with this RoPE (a context stage changed it): record
+            # it, so that an export or evaluation of the checkpoint rebuilds the same model.
+            theta, scaling = self.live_rope
+            arch = hparams["arch"]
+            if isinstance(arch, ModelArgs):
+                arch = replace(arch, rope_theta=theta, rope_scaling=scaling)
+            else:
+                arch = {**dict(arch), "rope_theta": theta, "rope_scaling": None if scaling is None else vars(scaling)}
+            checkpoint["hyper_parameters"] = {**hparams, "arch": arch}
         checkpoint["step_guard"] = self.guard.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -433,12 +447,22 @@ def replicable_init(model: Transformer, seed: int) -> None:
 
 
 def load_full_weights(model: Transformer, path: str | Path) -> None:
-    """Load a full state dict into ``model`` whatever its sharding (DTensor or plain)."""
+    """Load full-model weights into ``model`` whatever its sharding (DTensor or plain).
+
+    ``path`` is a full state dict saved with ``torch.save``, or a DCP directory of one (what
+    ``recipe import`` writes; a Lightning DCP checkpoint's model weights load too). From
+    DCP each rank reads just the slices its shards need, so no rank ever holds the full
+    model and any layout loads the same weights.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     path = Path(path)
+    if path.is_dir():
+        _load_dcp_weights(model, path)
+        return
     if not path.is_file():
-        raise ConfigError(f"init_weights_path {path} does not exist; pass a state dict saved with torch.save")
+        raise ConfigError(f"init_weights_path {path} does not exist; pass a state dict saved with torch.save "
+                          "or a weights directory written by `recipe import`")
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -446,4 +470,41 @@ def load_full_weights(model: Transformer, path: str | Path) -> None:
         raise ConfigError(f"{path} lacks {len(missing)} model tensors (first: {missing[0]}); "
                           "save the state dict of a model of the same shape")
     state = {k: v for k, v in state.items() if k in own}
+    _check_shapes(path, {k: tuple(v.shape) for k, v in state.items()}, own)
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _check_shapes(path: Path, stored: dict[str, tuple[int, ...]], own: dict[str, torch.Tensor]) -> None:
+    for name, tensor in own.items():
+        if name in stored and stored[name] != tuple(tensor.shape):
+            raise ConfigError(f"{path}: {name} has shape {list(stored[name])} but the model has "
+                              f"{list(tensor.shape)}; set model.arch to the architecture of these weights")
+
+
+def _load_dcp_weights(model: Transformer, path: Path) -> None:
+    """``dcp.load`` into this rank's (possibly sharded) parameters: DCP reshards on read."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    if not (path / ".metadata").is_file():
+        raise ConfigError(f"init_weights_path {path} is a directory without DCP .metadata; pass a weights "
+                          "directory written by `recipe import` or a torch.save state dict")
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    stored = {k: tuple(m.size) for k, m in metadata.items() if isinstance(m, TensorStorageMetadata)}
+    # A Lightning DCP checkpoint keeps the LightningModule's weights as state_dict.model.<name>.
+    prefix = "state_dict.model." if any(k.startswith("state_dict.model.") for k in stored) else ""
+    state = get_model_state_dict(model)  # this rank's shards (DTensors), keyed by parameter name
+    missing = sorted(k for k in state if prefix + k not in stored)
+    if missing:
+        raise ConfigError(f"{path} lacks {len(missing)} model tensors (first: {missing[0]}); "
+                          "set model.arch to the architecture of these weights")
+    _check_shapes(path, {k: stored[prefix + k] for k in state}, state)
+    to_load = {prefix + k: v for k, v in state.items()}
+    with warnings.catch_warnings():  # one process: DCP warns that it runs without a process group
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(to_load, checkpoint_id=str(path))
+    state = {k: to_load[prefix + k] for k in state}
+    set_model_state_dict(model, state, options=StateDictOptions(strict=False))

@@ -178,6 +178,9 @@ def test_gated_stages_advance_one_step_after_passing_and_resume_exactly(tmp_path
     assert set(a["context/short_val_loss"]) == set(a["context/niah_accuracy"]) == {3, 6}
     state = final_state(tmp_path / "straight")
     assert state["starts"] == [128, 512] and state["history"][0]["passed"]
+    # The checkpoint describes the model as last trained: stage 1's RoPE base.
+    ckpt = torch.load(tmp_path / "straight" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["arch"]["rope_theta"] == 1e6
 
     cut = stages_config(tmp_path, data_dir, "resumed", 4, **gates)  # stopped right after the gates passed
     assert main(["fit", "--config", str(cut)]) == 0
