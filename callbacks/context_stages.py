@@ -248,8 +248,14 @@ class ContextLengthStages(L.Callback):
 
     # ------------------------------------------------------------------ training
 
+    @staticmethod
+    def _position(trainer: L.Trainer) -> int:
+        # The data position, not tokens_seen: the stage starts are stream positions, and the
+        # two differ once a guarded step has been skipped.
+        return int(trainer.datamodule.position)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._apply_rope(pl_module, self.stage_at(pl_module.tokens_seen))
+        self._apply_rope(pl_module, self.stage_at(self._position(trainer)))
 
     def _apply_rope(self, pl_module: L.LightningModule, k: int) -> None:
         if k != self._rope_stage:
@@ -258,7 +264,7 @@ class ContextLengthStages(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        k = self.stage_at(pl_module.tokens_seen)
+        k = self.stage_at(int(batch["position"]) if "position" in batch else self._position(trainer))
         self._stage_of_step = k
         self._apply_rope(pl_module, k)
         if k >= 0 and self.reference is None and self.val_loss_tolerance is not None:
@@ -266,7 +272,7 @@ class ContextLengthStages(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        position = pl_module.tokens_seen
+        position = self._position(trainer)  # where the next step starts
         if self.next_check is not None and position >= self.next_check:
             self._run_gates(trainer, pl_module, self.check_stage, position)
         pl_module.log("train/context_stage", float(self._stage_of_step), rank_zero_only=True)
