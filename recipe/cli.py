@@ -32,6 +32,7 @@ commands:
   export     a recipe checkpoint -> Hugging Face safetensors
   generate   sample text from a checkpoint: recipe generate --ckpt PATH --prompt TEXT
   scaling    scaling-law sweeps and fits: recipe scaling sweep|fit|forecast|mix|anneal-probe
+  plan       memory and step time of parallel layouts: recipe plan --config ... --gpus N
 
 Run `recipe <command> --help` for the options of each command.
 Set RECIPE_TRACEBACK=1 to see the full traceback of configuration and data errors."""
@@ -185,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             from recipe.interop.cli import main as interop_main
 
             return interop_main(command, rest)
+        if command == "plan":
+            from recipe.planner import main as plan_main
+
+            return plan_main(rest)
         if command == "scaling":
             from recipe.scaling.cli import main as scaling_main
 

@@ -1,0 +1,66 @@
+"""The capacity planner: Table 4's layouts fit on 80 GB, naive ones do not, and the parts scale as they must."""
+
+import pytest
+
+from recipe.cli import main, model_args_from_config
+from recipe.planner import HARDWARE, Layout, estimate, in_flight
+
+H100 = HARDWARE["h100-80gb"]
+BATCH = 16 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def llama405b():
+    return model_args_from_config("configs/llama3_405b.yaml")
+
+
+def fits_with_some_checkpointing(args, seq_len, **sizes) -> bool:
+    return any(estimate(args, Layout(**sizes, activation_checkpointing=ac), seq_len, BATCH, 1, H100).fits
+               for ac in ("none", "selective", "full"))
+
+
+@pytest.mark.parametrize("seq_len, sizes", [
+    (8192, dict(tp=8, cp=1, pp=16, dp=64, stages_per_rank=2, schedule="Interleaved1F1B")),
+    (8192, dict(tp=8, cp=1, pp=16, dp=128, stages_per_rank=2, schedule="Interleaved1F1B")),
+    (131072, dict(tp=8, cp=16, pp=16, dp=8, stages_per_rank=2, schedule="Interleaved1F1B")),
+])
+def test_table_4_layouts_fit_on_80gb(llama405b, seq_len, sizes):
+    assert fits_with_some_checkpointing(llama405b, seq_len, **sizes)
+
+
+@pytest.mark.parametrize("sizes", [dict(tp=1, cp=4, pp=1, dp=2048), dict(tp=1, cp=1, pp=1, dp=2048)])
+def test_naive_405b_layouts_do_not_fit_without_full_recompute(llama405b, sizes):
+    for ac in ("none", "selective"):
+        est = estimate(llama405b, Layout(**sizes, activation_checkpointing=ac), 8192, BATCH, 1, H100)
+        assert not est.fits and "GiB per GPU" in est.reason and "activations" in est.reason
+
+
+def test_parts_scale_with_the_layout(llama405b):
+    base = estimate(llama405b, Layout(tp=8, pp=16, dp=64, stages_per_rank=2, schedule="Interleaved1F1B"), 8192,
+                    BATCH, 1, H100)
+    wider = estimate(llama405b, Layout(tp=8, pp=16, dp=128, stages_per_rank=2, schedule="Interleaved1F1B"), 8192,
+                     BATCH, 1, H100)
+    key = "sharded params+grads+adam"
+    assert wider.memory[key] == pytest.approx(base.memory[key] / 2)  # FSDP over twice the ranks
+    assert wider.time["compute"] == pytest.approx(base.time["compute"] / 2)
+    full = estimate(llama405b, Layout(tp=8, pp=16, dp=64, stages_per_rank=2, schedule="Interleaved1F1B",
+                                      activation_checkpointing="full"), 8192, BATCH, 1, H100)
+    assert full.memory["activations"] < base.memory["activations"] / 10 and full.time["recompute"] > 0
+
+
+def test_micro_batches_in_flight():
+    assert in_flight(Layout(pp=1), 8) == 1
+    assert in_flight(Layout(pp=4, schedule="GPipe"), 8) == 8
+    assert in_flight(Layout(pp=4), 8) == 4
+    assert in_flight(Layout(pp=4, stages_per_rank=2, schedule="Interleaved1F1B"), 8) == pytest.approx(4 * (1 + 3 / 8))
+
+
+def test_a_batch_that_does_not_split_is_explained(llama405b):
+    est = estimate(llama405b, Layout(tp=1, pp=1, dp=8192), 8192, BATCH, 1, H100)
+    assert not est.fits and "2048 sequences per step do not split over dp=8192" in est.reason
+
+
+def test_plan_command(capsys):
+    assert main(["plan", "--config", "configs/llama3_405b.yaml", "--gpus", "16384", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "tp8 cp1 pp16 x2 Interleaved1F1B dp128 ac=selective: fits" in out and "layouts fit; the fastest" in out
