@@ -64,3 +64,17 @@ def test_plan_command(capsys):
     assert main(["plan", "--config", "configs/llama3_405b.yaml", "--gpus", "16384", "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "tp8 cp1 pp16 x2 Interleaved1F1B dp128 ac=selective: fits" in out and "layouts fit; the fastest" in out
+
+
+def test_gpu_check_script_runs(tmp_path):
+    """bench/gpu_check.py's own code path, on a tiny CPU shape (its real run needs an NVIDIA GPU)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "MASTER_PORT": "29631"}
+    done = subprocess.run([sys.executable, str(root / "bench" / "gpu_check.py"), "--smoke"], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("gpu_check: cpu (smoke) | 2 layers x dim 64, seq 128") and "s/step" in done.stdout
