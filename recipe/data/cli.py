@@ -4,6 +4,9 @@
     recipe data build CORPUS OUT [--tokenizer PATH] [--text-field text]
                       [--val-fraction 0.01 | --val-documents N] [--overwrite]
     recipe data info  SHARD_SET_OR_DATA_DIR
+    recipe data curate --config configs/data/demo.yaml [--input PATH ...] [--output DIR]
+                       [--workers N] [--overwrite] [--no-progress]
+    recipe data train-classifier --positives FILE --negatives FILE --out MODEL.npz
 
 Bad input prints the one-line error to stderr and exits with status 2 (no traceback).
 """
@@ -56,6 +59,24 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="print the index and build report of a shard set or data directory")
     info.add_argument("path")
+
+    curate = sub.add_parser(
+        "curate", help="clean, dedup, filter, classify and mix raw documents, then pack them into train/val shards"
+    )
+    curate.add_argument("--config", required=True, help="curation YAML (e.g. configs/data/demo.yaml)")
+    curate.add_argument("--input", nargs="+", default=None, metavar="PATH", help="override the config's input")
+    curate.add_argument("--output", default=None, metavar="DIR", help="override the config's output directory")
+    curate.add_argument("--workers", type=int, default=None, help="processes for MinHash (default: the config's)")
+    curate.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    curate.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    train = sub.add_parser("train-classifier", help="train the fastText-style quality classifier on labelled files")
+    train.add_argument("--positives", required=True, help="documents to keep (jsonl/parquet/txt or a folder)")
+    train.add_argument("--negatives", required=True, help="documents to drop (same formats)")
+    train.add_argument("--out", required=True, help="model file to write (.npz)")
+    train.add_argument("--text-field", default="text", help="field/column holding the text (default: text)")
+    train.add_argument("--epochs", type=int, default=8, help="SGD epochs (default: 8)")
+    train.add_argument("--dim", type=int, default=1 << 18, help="hashed feature buckets (default: 262144)")
     return p
 
 
@@ -112,14 +133,33 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curate(args: argparse.Namespace) -> int:
+    from recipe.data.curate.pipeline import curate, load_config
+
+    cfg = load_config(args.config, input=args.input, output=args.output, workers=args.workers)
+    curate(cfg, overwrite=args.overwrite, progress=False if args.no_progress else None, config_path=args.config)
+    return 0
+
+
+def _train_classifier(args: argparse.Namespace) -> int:
+    from recipe.data.curate.quality import train_classifier
+
+    _, metrics = train_classifier(args.positives, args.negatives, args.out, dim=args.dim, epochs=args.epochs,
+                                  text_field=args.text_field)  # fmt: skip
+    print(f"wrote {args.out}: {json.dumps(metrics)}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    commands = {"demo": _demo, "build": _build, "info": _info, "curate": _curate,
+                "train-classifier": _train_classifier}  # fmt: skip
     try:
-        return {"demo": _demo, "build": _build, "info": _info}[args.command](args)
-    except ValueError as e:  # DataError and TokenizerError: one line, no traceback
-        from recipe.tokenizer import TokenizerError
+        return commands[args.command](args)
+    except ValueError as e:  # DataError, ConfigError and TokenizerError: one line, no traceback
+        from recipe.errors import RecipeError
 
-        if not isinstance(e, (DataError, TokenizerError)):
+        if not isinstance(e, (DataError, RecipeError)):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

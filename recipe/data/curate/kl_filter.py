@@ -1,0 +1,95 @@
+"""Stage 5 (part): token-distribution KL divergence against the corpus.
+
+A document "full of outlier tokens" (random strings, encoded blobs, keyword salad in
+a rare vocabulary) has a token distribution far from the corpus's. The first pass
+counts tokens (lowercased words, hashed into ``bins``) per domain bucket - so
+French is compared with French, not with the English majority. The second pass
+scores each document with KL(document || rest of its bucket), leaving the document's
+own counts out so a rare word it repeats does not vouch for itself, with add-``alpha``
+smoothing; above ``max_kl`` nats it is dropped (``token_kl``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from recipe.data.curate.record import Doc
+from recipe.data.curate.stage import Stage, register
+from recipe.data.curate.text import hash_words
+
+__all__ = ["TokenKL", "kl_scores"]
+
+
+def _bucket(doc: Doc) -> str:
+    return doc.bucket or doc.domain or "default"
+
+
+def kl_scores(doc_bins: list[np.ndarray], counts: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """KL(doc || corpus minus doc) in nats for each document's array of token bins."""
+    total, size = float(counts.sum()), counts.size
+    out = np.zeros(len(doc_bins))
+    for i, b in enumerate(doc_bins):
+        if b.size == 0:
+            continue
+        values, c = np.unique(b, return_counts=True)
+        p = c / b.size
+        rest = np.maximum(counts[values] - c, 0) + alpha
+        q = rest / (max(total - b.size, 0.0) + alpha * size)
+        out[i] = float(np.sum(p * np.log(p / q)))
+    return out
+
+
+@register
+class TokenKL(Stage):
+    """Drop documents whose token distribution diverges from their bucket's (``token_kl``).
+
+    Args:
+        max_kl: nats above which a document is dropped.
+        bins: hash bins of the token counts (memory: 8 bytes per bin per bucket).
+        min_words: shorter documents are not judged.
+        alpha: add-alpha smoothing of the corpus counts.
+    """
+
+    name = "token_kl"
+    needs_fit = True
+
+    def __init__(self, max_kl: float = 6.0, bins: int = 1 << 18, min_words: int = 20, alpha: float = 0.5,
+                 **kw) -> None:  # fmt: skip
+        super().__init__(**kw)
+        self.max_kl, self.bins, self.min_words, self.alpha = max_kl, bins, min_words, alpha
+        self.counts: dict[str, np.ndarray] = {}
+
+    def _bins(self, docs: list[Doc]) -> list[np.ndarray]:
+        batch = hash_words([d.text for d in docs])
+        binned = (batch.hashes % np.uint64(self.bins)).astype(np.int64)
+        return [binned[batch.offsets[i] : batch.offsets[i + 1]] for i in range(len(docs))]
+
+    def fit(self, docs: Iterator[Doc]) -> None:
+        batch: list[Doc] = []
+        for doc in docs:
+            batch.append(doc)
+            if len(batch) == 512:
+                self._count(batch)
+                batch = []
+        self._count(batch)
+        self.stats.notes["tokens_per_bucket"] = {k: int(v.sum()) for k, v in sorted(self.counts.items())}
+
+    def _count(self, docs: list[Doc]) -> None:
+        for doc, b in zip(docs, self._bins(docs)):
+            counts = self.counts.setdefault(_bucket(doc), np.zeros(self.bins, np.int64))
+            counts += np.bincount(b, minlength=self.bins)
+
+    def process(self, docs: list[Doc]) -> None:
+        bins = self._bins(docs)
+        for doc, b in zip(docs, bins):
+            if b.size < self.min_words:
+                continue
+            kl = float(kl_scores([b], self.counts[_bucket(doc)], self.alpha)[0])
+            doc.scores["token_kl"] = round(kl, 4)
+            if kl > self.max_kl:
+                self.drop(doc, "token_kl", f"KL {kl:.2f} nats > {self.max_kl}")
+
+    def finish(self) -> None:
+        self.counts = {}

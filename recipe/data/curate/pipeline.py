@@ -1,0 +1,328 @@
+"""Run a curation config: read -> stages -> mix and pack, in streaming passes, published atomically.
+
+Passes: stages run batch by batch in config order. A stage that must see its whole
+input first (``needs_fit``) splits the run: everything before it is written to a
+spill file (jsonl in the scratch folder), the stage fits on one pass over the spill,
+and the next pass streams the spill through it and the stages after it. So memory
+stays at one batch plus what each stage keeps (URL table, LSH band, line counts of
+one bucket, token counts), and the disk holds at most two spills at a time.
+
+Everything - shards, report, scratch - is built in ``<output>.tmp-<pid>`` and renamed
+to ``<output>`` at the end (``recipe.data.shards.atomic_dir``): an interrupted run
+leaves no ``<output>``, and its leftover temp folder is removed by the next run. The
+same config and input give the same shards (hash-based choices, ordered workers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from recipe.data.corpus import list_inputs
+from recipe.data.curate.pack import Pack
+from recipe.data.curate.progress import Progress
+from recipe.data.curate.reader import Quarantined, read_records
+from recipe.data.curate.record import Doc
+from recipe.data.curate.report import AuditSink, write_reports
+from recipe.data.curate.stage import Context, Stage, StageStats, build_stage
+from recipe.data.errors import DataError
+from recipe.data.shards import atomic_dir
+from recipe.errors import ConfigError
+
+__all__ = ["CurateConfig", "curate", "load_config", "prepare_demo_inputs"]
+
+
+@dataclass
+class CurateConfig:
+    """A curation run (the YAML keys). ``stages`` is a list of ``{name|class_path, args}``."""
+
+    input: list[str]
+    output: str
+    stages: list[Any] = field(default_factory=list)
+    text_field: str = "text"
+    workers: int | None = None
+    batch_documents: int = 256
+    max_document_chars: int = 1_000_000
+    samples_per_reason: int = 20
+    demo: dict[str, Any] | None = None
+
+    def build_stages(self, where: str = "config") -> list[Stage]:
+        stages = [build_stage(spec, f"{where}: stages[{i}]") for i, spec in enumerate(self.stages)]
+        for s in stages[:-1]:
+            if isinstance(s, Pack):
+                raise ConfigError(f"{where}: pack must be the last stage")
+        if not stages or not isinstance(stages[-1], Pack):
+            stages.append(Pack())
+        seen: dict[str, int] = {}
+        for s in stages:  # a stage used twice gets a distinct label in the report (quality#2)
+            seen[s.name] = seen.get(s.name, 0) + 1
+            s.label = s.name if seen[s.name] == 1 else f"{s.name}#{seen[s.name]}"
+            s.stats.name = s.label
+        return stages
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> CurateConfig:
+    """Read a YAML config; ``overrides`` (e.g. ``output=...``) replace keys that are not None."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"curation config {p} not found; see configs/data/demo.yaml for an example") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping with input, output and stages")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(CurateConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{p}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+    for key in ("input", "output"):
+        if not data.get(key):
+            raise ConfigError(f"{p}: missing {key!r}; give the raw documents (input) and the data directory (output)")
+    if isinstance(data["input"], (str, os.PathLike)):
+        data["input"] = [data["input"]]
+    if not isinstance(data.get("stages", []), list):
+        raise ConfigError(f"{p}: stages must be a list of {{name: ..., args: {{...}}}}")
+    cfg = CurateConfig(**data)
+    cfg.build_stages(str(p))  # validate every stage now, before any data is read
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------- demo inputs
+
+
+def prepare_demo_inputs(demo: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Build the demo's raw inputs in ``demo['dir']`` unless present: the demo corpus (code,
+    prose, math), a synthetic crawl with planted problems, and the quality classifier's
+    training files (prose as positives, generated spam/boilerplate as negatives)."""
+    from recipe.data.curate.synthetic import low_quality_texts, write_web_corpus
+    from recipe.data.demo import build_demo_corpus
+
+    root = Path(demo.get("dir", "data/curate-demo"))
+    raw, cls = root / "raw", root / "classifier"
+    if not (raw / "demo.jsonl").is_file():
+        log(f"building the demo corpus in {raw}")
+        build_demo_corpus(raw, log=log, **demo.get("corpus", {}))
+    if not (raw / "web.jsonl").is_file():
+        write_web_corpus(raw / "web.jsonl", seed=int(demo.get("seed", 0)))
+    if not (cls / "positives.jsonl").is_file() or not (cls / "negatives.jsonl").is_file():
+        cls.mkdir(parents=True, exist_ok=True)
+        positives = []
+        with open(raw / "demo.jsonl", encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("domain") == "prose":
+                    positives.append(rec["text"])
+        if not positives:
+            raise DataError(f"{raw / 'demo.jsonl'} has no prose to train the quality classifier on; "
+                            f"rebuild it with network access (`recipe data demo` fetches the prose once)")  # fmt: skip
+        negatives = low_quality_texts(len(positives), seed=int(demo.get("seed", 0)) + 1)
+        for name, texts in (("positives", positives), ("negatives", negatives)):
+            tmp = cls / f"{name}.jsonl.tmp-{os.getpid()}"
+            tmp.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), "utf-8")
+            os.replace(tmp, cls / f"{name}.jsonl")
+
+
+# ---------------------------------------------------------------------------------------- running
+
+
+def _remove_stale(out: Path, log: Callable[[str], None]) -> None:
+    """Remove ``<out>.tmp-<pid>`` folders left by runs whose process is gone (killed, crashed)."""
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.glob(f"{out.name}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # that run is still going
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        log(f"removed {p}, left by an interrupted run")
+
+
+def _batches(docs: Iterator[Doc], size: int) -> Iterator[list[Doc]]:
+    batch: list[Doc] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _spill_docs(path: Path) -> Iterator[Doc]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield Doc.from_json(line)
+
+
+class _Run:
+    def __init__(self, cfg: CurateConfig, stages: list[Stage], root: Path, log, progress: bool) -> None:
+        self.cfg, self.stages, self.root, self.log, self.progress = cfg, stages, root, log, progress
+        self.work = root / "work"
+        self.work.mkdir()
+        self.sink = AuditSink(root / "report", cfg.samples_per_reason)
+        self.read = StageStats("read", "reader")
+        self.spills = 0
+
+    def records(self) -> Iterator[Doc]:
+        """Input documents; bad records are counted and quarantined on the way."""
+        for rec in read_records(self.cfg.input, self.cfg.text_field, self.cfg.max_document_chars):
+            self.read.documents_in += 1
+            if isinstance(rec, Quarantined):
+                self.read.bytes_in += rec.nbytes
+                entry = self.read.dropped.setdefault(rec.reason, {"documents": 0, "bytes": 0})
+                entry["documents"] += 1
+                entry["bytes"] += rec.nbytes
+                self.sink.quarantine(rec)
+                continue
+            n = rec.nbytes
+            self.read.bytes_in += n
+            self.read.documents_out += 1
+            self.read.bytes_out += n
+            yield rec
+
+    def stream(self, source: Iterator[list[Doc]], stages: list[Stage], desc: str, total: int | None):
+        bar = Progress(desc, total, self.progress)
+        try:
+            for batch in source:
+                bar.update(len(batch))
+                for stage in stages:
+                    batch = stage.run_batch(batch)
+                    if not batch:
+                        break
+                yield batch
+        finally:
+            bar.close()
+
+    def run(self) -> None:
+        *filters, pack = self.stages
+        size = self.cfg.batch_documents
+        t0 = time.perf_counter()
+        source: Iterator[list[Doc]] = _batches(self.records(), size)
+        total: int | None = None
+        spill: Path | None = None
+        pending: list[Stage] = []
+        passes = 1
+        for stage in filters:
+            if not stage.needs_fit:
+                pending.append(stage)
+                continue
+            # Materialize everything so far, so the stage can read its input twice.
+            self.spills += 1
+            new = self.work / f"spill-{self.spills}.jsonl"
+            names = ", ".join(["read"] * (spill is None) + [s.label for s in pending]) or "copy"
+            count = 0
+            with open(new, "w", encoding="utf-8") as f:
+                for batch in self.stream(source, pending, f"pass {passes}: {names}", total):
+                    f.writelines(d.to_json() + "\n" for d in batch)
+                    count += len(batch)
+            if spill is not None:
+                spill.unlink()
+            spill, total, passes = new, count, passes + 1
+            bar = Progress(f"pass {passes}: {stage.label} (fit)", total, self.progress)
+            stage.run_fit(self._counted(_spill_docs(spill), bar))
+            bar.close()
+            passes += 1
+            source, pending = _batches(_spill_docs(spill), size), [stage]
+        names = ", ".join(["read"] * (spill is None) + [s.label for s in pending] + [pack.label])
+        for batch in self.stream(source, pending, f"pass {passes}: {names}", total):
+            pack.run_batch(batch)
+        for stage in self.stages:
+            stage.finish()
+        self.stream_seconds = time.perf_counter() - t0
+
+    @staticmethod
+    def _counted(docs: Iterator[Doc], bar: Progress) -> Iterator[Doc]:
+        for doc in docs:
+            bar.update(1)
+            yield doc
+
+
+def _check_accounting(stats: list[StageStats]) -> None:
+    """Every document that entered a stage left it or was dropped with a counted reason."""
+    previous_out = None
+    for s in stats:
+        if s.documents_in != s.documents_out + s.documents_dropped:
+            raise RuntimeError(f"curation accounting bug in stage {s.name}: {s.documents_in} in, "
+                               f"{s.documents_out} out, {s.documents_dropped} dropped")  # fmt: skip
+        if previous_out is not None and s.documents_in != previous_out:
+            raise RuntimeError(f"curation accounting bug: stage {s.name} got {s.documents_in} documents, "
+                               f"the stage before it passed {previous_out}")  # fmt: skip
+        previous_out = s.documents_out
+
+
+def curate(cfg: CurateConfig, overwrite: bool = False, log: Callable[[str], None] | None = None,
+           progress: bool | None = None, config_path: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run ``cfg``; return the report (also written to ``<output>/report/``)."""
+    log = log or (lambda s: print(s, file=sys.stderr))
+    progress = sys.stderr.isatty() if progress is None else progress
+    t0 = time.perf_counter()
+    stages = cfg.build_stages(config_path or "config")
+    if cfg.demo is not None:
+        prepare_demo_inputs(cfg.demo, log)
+    for path in cfg.input:
+        list_inputs(path)  # a missing input fails now, not after the setup of every stage
+    out = Path(cfg.output)
+    _remove_stale(out, log)
+    workers = cfg.workers if cfg.workers is not None else min(os.cpu_count() or 1, 8)
+    with atomic_dir(out, overwrite=overwrite, what="output") as root:
+        run = _Run(cfg, stages, root, log, progress)
+        ctx = Context(work_dir=run.work, workers=max(1, workers), log=log, sample=run.sink.sample, progress=progress)
+        try:
+            for stage in stages:
+                stage.setup(ctx)
+            run.run()
+            stats = [run.read] + [s.stats for s in stages[:-1]]
+            _check_accounting(stats)
+            base = {
+                "config": config_path, "input": [str(p) for p in cfg.input], "output": str(out),
+                "stages": [s.to_dict() for s in stats],
+            }  # fmt: skip
+            summary = stages[-1].write(root, base)
+        finally:
+            run.sink.close()
+        stats.append(stages[-1].stats)
+        _check_accounting(stats)
+        dropped = sum(s.documents_dropped for s in stats)
+        report = {
+            **base,
+            "stages": [s.to_dict() for s in stats],
+            "documents_read": run.read.documents_in,
+            "documents_quarantined": run.read.documents_dropped,
+            "documents_dropped": dropped - run.read.documents_dropped,
+            "documents_written": stages[-1].stats.documents_out,
+            **summary,
+            "workers": ctx.workers,
+            "wall_time_s": round(time.perf_counter() - t0, 3),
+        }  # fmt: skip
+        assert report["documents_read"] == dropped + report["documents_written"]
+        write_reports(root / "report", report)
+        shutil.rmtree(run.work)
+    log(_summary_line(report))
+    return report
+
+
+def _summary_line(report: dict[str, Any]) -> str:
+    parts = [f"{s['name']} -{s['documents_dropped']:,}" for s in report["stages"] if s["documents_dropped"]]
+    shards = report["shards"]
+    return (f"curated {report['documents_read']:,} documents -> {report['documents_written']:,} "
+            f"(train {shards['train']['tokens']:,} tokens, val {shards['val']['tokens']:,}); drops: "
+            f"{', '.join(parts) or 'none'}; report: {report['output']}/report/report.md "
+            f"({report['wall_time_s']:.1f} s)")  # fmt: skip
