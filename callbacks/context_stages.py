@@ -225,7 +225,7 @@ class ContextLengthStages(L.Callback):
         if self.short_seq_len is None:
             self.short_seq_len = self._base(max(0, self.start_tokens - 1))[1]
         for i, s in enumerate(self.stages):
-            batch_tokens = [s.batch_tokens] if s.batch_tokens else self._base_batch_tokens(data)
+            batch_tokens = [s.batch_tokens] if s.batch_tokens else self.base_batch_tokens(self._ramp, data)
             for tokens in batch_tokens:
                 if tokens % s.seq_len:
                     raise ConfigError(f"context stage {i}: the batch schedule's {tokens:,} tokens per step are not a "
@@ -239,9 +239,9 @@ class ContextLengthStages(L.Callback):
                 self._needle_trials(data, s.seq_len)
         data.batch_schedule = self.layout_at
 
-    def _base_batch_tokens(self, data: Any) -> set[int]:
-        """Every batch size (in tokens) the base schedule can give from the first stage on."""
-        ramp = self._ramp
+    def base_batch_tokens(self, ramp: Any, data: Any) -> set[int]:
+        """Every batch size (in tokens) the base schedule - ``ramp``, or the data's fixed
+        batch - can give from the first stage on."""
         if ramp is None:
             return {data.global_batch_size * data.seq_len}
         return {s.batch_tokens for s in ramp.stages if s.tokens >= ramp.stage_at(self.start_tokens).tokens}

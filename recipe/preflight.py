@@ -33,9 +33,7 @@ def layouts(trainer: Any, data: Any) -> list[tuple[int, int, str]]:
         found = [(s.batch_tokens // s.seq_len, s.seq_len, f"ramp stage at {s.tokens:,} tokens") for s in ramp.stages]
     stages = next((cb for cb in trainer.callbacks if isinstance(cb, ContextLengthStages)), None)
     if stages is not None:
-        # The ramp's batches from the one in force when the stages begin.
-        base_tokens = {data.global_batch_size * data.seq_len} if ramp is None else {
-            s.batch_tokens for s in ramp.stages if s.tokens >= ramp.stage_at(stages.start_tokens).tokens}
+        base_tokens = stages.base_batch_tokens(ramp, data)
         for i, s in enumerate(stages.stages):
             for tokens in [s.batch_tokens] if s.batch_tokens else sorted(base_tokens):
                 if tokens % s.seq_len:
