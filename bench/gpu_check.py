@@ -13,7 +13,8 @@ Nothing is downloaded; it needs PyTorch with CUDA and this repository. Typical w
 is 1-3 minutes on an H100 (well under the 8-minute budget). ``--smoke`` runs a tiny
 shape on the CPU to check the script itself.
 
-    python bench/gpu_check.py [--layers 4] [--seq-len 8192] [--steps 10] [--peak-tflops 989]
+    python bench/gpu_check.py [--layers 4] [--seq-len 8192] [--micro-batch 1] [--steps 10] [--compile]
+                              [--peak-tflops 989]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipe.flops import DEVICE_PEAK_FLOPS, flops_per_token  # noqa: E402
 from recipe.model import ModelArgs, Transformer  # noqa: E402
+from recipe.parallel.compile import apply_compile  # noqa: E402
 from recipe.parallel.fsdp import apply_fsdp  # noqa: E402
 
 
@@ -53,6 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak (default: from the GPU's name)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (as the strategy's compile: true)")
     parser.add_argument("--smoke", action="store_true", help="a tiny CPU run that checks the script")
     args = parser.parse_args()
 
@@ -79,6 +82,8 @@ def main() -> None:
         mesh = init_device_mesh(device.type, (1,), mesh_dim_names=("dp",))
         with torch.device("meta"):
             model = Transformer(arch)
+        if args.compile:
+            apply_compile(model, device.type)
         apply_fsdp(model, mesh, precision=precision)
         model.to_empty(device=device)
         model.init_weights(buffer_device=device)
@@ -111,7 +116,7 @@ def main() -> None:
         peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_for(name)
         memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         print(f"gpu_check: {name} | {arch.n_layers} layers x dim {arch.dim}, seq {args.seq_len}, micro "
-              f"{args.micro_batch} | {seconds:.3f} s/step | {tokens_per_s:,.0f} tok/s | tflops {achieved / 1e12:.1f} | "
+              f"{args.micro_batch}{', compiled' if args.compile else ''} | {seconds:.3f} s/step | {tokens_per_s:,.0f} tok/s | tflops {achieved / 1e12:.1f} | "
               f"bf16 MFU {achieved / peak:.1%} (peak {peak / 1e12:.0f} TFLOP/s) | peak memory {memory:.1f} GiB")
     finally:
         dist.destroy_process_group()

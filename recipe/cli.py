@@ -27,7 +27,8 @@ commands:
   validate   validation loss of a checkpoint: recipe validate --config ... --ckpt_path PATH
   test       held-out loss of a checkpoint:   recipe test --config ... --ckpt_path PATH
   info       exact parameter count and shapes: recipe info --config configs/llama3_405b.yaml
-  data       build token shards: recipe data demo | recipe data build CORPUS OUT
+  data       curate raw documents and build token shards: recipe data curate --config
+             configs/data/demo.yaml | data build CORPUS OUT | data demo | data train-classifier
   import     Meta or Hugging Face Llama 3 weights -> a recipe checkpoint
   export     a recipe checkpoint -> Hugging Face safetensors
   generate   sample text from a checkpoint: recipe generate --ckpt PATH --prompt TEXT

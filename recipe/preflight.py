@@ -75,6 +75,10 @@ def _mesh(trainer: Any, arch: Any, world: int):
     if not isinstance(strategy, Parallel4DStrategy):
         return None
     dims = strategy.requested_dims.resolved(world)
+    if strategy.compile:
+        from recipe.parallel.compile import check_compile_layout
+
+        check_compile_layout(dims.tp)
     dims.validate_model(arch.n_layers, arch.n_heads, arch.n_kv_heads, arch.vocab_size, arch.dim,
                         strategy.pp_stages_per_rank)
     return dims
@@ -90,6 +94,11 @@ def _check_data(data: Any, arch: Any, trainer: Any) -> None:
                           "unset for Llama 3's")
     data_dir = Path(data.data_dir)
     if not is_built(data_dir):
+        if getattr(data, "curate_config", None):
+            from recipe.data.build import check_curation_output
+
+            check_curation_output(data.curate_config, data_dir)
+            return  # curated on first use
         if not data.build_demo:
             raise DataError(f"{data_dir} has no complete train/val shard sets; build them with "
                             f"`recipe data build <corpus> {data_dir}` (or set data.build_demo: true)")

@@ -16,7 +16,8 @@ from recipe.data.curate.langid import identify_language
 from recipe.data.curate.minhash import MinHasher, band_keys, lsh_clusters
 from recipe.data.curate.pipeline import CurateConfig, curate, load_config
 from recipe.data.curate.quality import QualityClassifier, train_classifier
-from recipe.data.curate.safety import mask_pii
+from recipe.data.curate.record import Doc
+from recipe.data.curate.safety import PiiMask, mask_pii
 from recipe.data.curate.synthetic import low_quality_texts, reference_texts
 from recipe.data.curate.url_dedup import normalize_url, parse_date
 from recipe.data.errors import DataError
@@ -364,6 +365,17 @@ def test_pii_masking_and_its_false_positives():
     assert counts == {"emails": 1, "phones": 2, "ips": 1}
     clean = "On 2024-01-15 Python 3.11.7 computed 1,234 + 567 = 1,801 and x[1::2]; see @property."
     assert mask_pii(clean) == (clean, {"emails": 0, "phones": 0, "ips": 0})
+
+
+def test_pii_in_code_masks_only_the_kinds_configured_for_code():
+    stage = PiiMask(kinds_by_bucket={"code": ["emails"]})
+    line = 'ADMIN = "ops@example.com"; HOST = "10.0.0.1"; MAGIC = "555-123-4567"'
+    code, prose = Doc(line, "t", bucket="code"), Doc(line, "t", bucket="general")
+    stage.process([code, prose])
+    assert code.text == 'ADMIN = "[EMAIL]"; HOST = "10.0.0.1"; MAGIC = "555-123-4567"'
+    assert prose.text == 'ADMIN = "[EMAIL]"; HOST = "[IP]"; MAGIC = "[PHONE]"'
+    with pytest.raises(ConfigError, match="names phone; choose from emails, phones, ips"):
+        PiiMask(kinds_by_bucket={"code": ["phone"]})
 
 
 def test_language_identification():

@@ -35,8 +35,12 @@ LAYOUTS = {
         "dp2": dict(dp_replicate=2, dp_shard=1),
         "fsdp2": dict(dp_shard=2),
         "fsdp2_activation_checkpointing": dict(dp_shard=2, activation_checkpointing="full"),
+        # torch.compile per block (inductor's C++ backend), with AC inside the compiled blocks.
+        "fsdp2_compile_selective_ac": dict(dp_shard=2, compile=True, activation_checkpointing="selective",
+                                           activation_checkpointing_every_n=2),
         "tp2": dict(tp=2, dp_shard=1),
         "cp2": dict(cp=2, dp_shard=1),
+        "cp2_compile": dict(cp=2, dp_shard=1, compile=True),
         "pp2_gpipe": dict(pp=2, dp_shard=1, pp_schedule="GPipe"),
         "pp2_1f1b": dict(pp=2, dp_shard=1, pp_schedule="1F1B"),
         "pp2_interleaved": dict(pp=2, dp_shard=1, pp_schedule="Interleaved1F1B", pp_stages_per_rank=2),

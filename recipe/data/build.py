@@ -29,6 +29,7 @@ import numpy as np
 
 from recipe.data.corpus import Document, iter_documents, list_inputs
 from recipe.data.errors import DataError
+from recipe.errors import ConfigError
 from recipe.data.shards import DEFAULT_DOMAIN, DEFAULT_SHARD_TOKENS, ShardWriter, atomic_dir, is_complete
 
 __all__ = ["BuildReport", "build_shards", "ensure_demo_data", "is_built", "load_tokenizer"]
@@ -329,3 +330,39 @@ def ensure_demo_data(
             names = (str(data_dir / "corpus" / corpus.name), str(data_dir))
             build_shards(corpus, tmp, tokenizer=tokenizer_path, log=log, _publish=False, _names=names)
     return data_dir
+
+
+def ensure_curated_data(
+    config_path: str | os.PathLike, data_dir: str | os.PathLike, log: Callable[[str], None] | None = None
+) -> Path:
+    """Run the curation config ``config_path`` unless ``data_dir`` (its output) is built.
+
+    Serialised by the same ``<data_dir>.lock`` as the demo build, so ranks or runs that
+    start together curate once.
+    """
+    from filelock import FileLock
+
+    from recipe.data.curate.pipeline import curate
+
+    data_dir = Path(data_dir)
+    if is_built(data_dir):
+        return data_dir
+    cfg = check_curation_output(config_path, data_dir)
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(data_dir.with_name(data_dir.name + ".lock"))):
+        if not is_built(data_dir):
+            (log or (lambda s: print(s, file=sys.stderr)))(
+                f"curating {data_dir} with {config_path} (first use; about a minute on two cores)")
+            curate(cfg, log=log, config_path=str(config_path))
+    return data_dir
+
+
+def check_curation_output(config_path: str | os.PathLike, data_dir: str | os.PathLike):
+    """The parsed curation config, if it writes ``data_dir``; else a one-line ConfigError."""
+    from recipe.data.curate.pipeline import load_config
+
+    cfg = load_config(config_path)
+    if Path(cfg.output).resolve() != Path(data_dir).resolve():
+        raise ConfigError(f"data.curate_config {config_path} writes {cfg.output}, not data.data_dir {data_dir}; "
+                          "make them the same directory")
+    return cfg

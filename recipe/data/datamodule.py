@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from recipe.data.build import ensure_demo_data, is_built
+from recipe.data.build import ensure_curated_data, ensure_demo_data, is_built
 from recipe.data.errors import DataError
 from recipe.data.shards import DEFAULT_DOMAIN, ShardSet
 from recipe.data.stream import TokenStream, check_batch_layout
@@ -42,6 +42,9 @@ class TokenDataModule(L.LightningDataModule):
         val_batch_size: sequences per validation step (default: global_batch_size).
         tokenizer_path: tokenizer for the automatic demo build (None: Llama 3's).
         build_demo: build the demo corpus into ``data_dir`` if it is missing.
+        curate_config: build a missing ``data_dir`` by running this curation config
+            (``recipe data curate --config``; its ``output`` must be ``data_dir``) instead
+            of the plain demo build.
         num_workers: DataLoader workers (0: read in the training process; the reads are
             memory-mapped slices, cheap enough for small models).
     """
@@ -56,6 +59,7 @@ class TokenDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         tokenizer_path: str | None = None,
         build_demo: bool = True,
+        curate_config: str | None = None,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -68,6 +72,7 @@ class TokenDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or global_batch_size
         self.tokenizer_path = tokenizer_path
         self.build_demo = build_demo
+        self.curate_config = curate_config
         self.num_workers = num_workers
         self.position = 0  # global token offset of the next training step
         self.samples = 0  # global samples consumed (the data mix draws sample k's domain from k)
@@ -84,6 +89,9 @@ class TokenDataModule(L.LightningDataModule):
         """Build the demo data on first use (Lightning runs this on one process per node)."""
         if is_built(self.data_dir):
             return
+        if self.curate_config is not None:
+            ensure_curated_data(self.curate_config, self.data_dir)
+            return
         if not self.build_demo:
             raise DataError(
                 f"{self.data_dir} has no complete train/val shard sets; build them with "
@@ -93,7 +101,7 @@ class TokenDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            if not is_built(self.data_dir) and self.build_demo and self.trainer is None:
+            if not is_built(self.data_dir) and (self.build_demo or self.curate_config) and self.trainer is None:
                 self.prepare_data()  # used without a Trainer (scripts, tests)
             self.train_set = ShardSet(self.data_dir / "train")
             self.val_set = ShardSet(self.data_dir / "val")

@@ -7,7 +7,7 @@ parameter names - and therefore checkpoints and FSDP units - stay exactly as the
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Any, Callable, Literal
 
 from torch.utils.checkpoint import checkpoint
 
@@ -32,6 +32,16 @@ def apply_activation_checkpointing(model: Transformer, mode: CheckpointMode = "f
     for key, block in model.layers.items():
         if mode == "selective" and int(key) % every_n:
             continue
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = _checkpointed(block.forward)
         count += 1
     return count
+
+
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    # A plain function rather than functools.partial: torch.compile recognises a call of
+    # ``checkpoint`` inside a traced function, not one hidden in a partial object.
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run

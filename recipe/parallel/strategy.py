@@ -49,6 +49,7 @@ class Parallel4DStrategy(ModelParallelStrategy):
         loss_parallel: bool = True,
         activation_checkpointing: Literal["none", "full", "selective"] = "none",
         activation_checkpointing_every_n: int = 2,
+        compile: bool = False,
         precision: Literal["fp32", "bf16"] = "fp32",
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
@@ -66,6 +67,9 @@ class Parallel4DStrategy(ModelParallelStrategy):
             loss_parallel: cross-entropy on vocabulary shards under TP (never gathers logits).
             activation_checkpointing: recompute block activations in backward: "full" (every
                 block) or "selective" (every ``activation_checkpointing_every_n``-th block).
+            compile: ``torch.compile`` each transformer block (inductor; on CPU its C++
+                backend). Off by default: eager is faster for small CPU runs, where the
+                compile time is never paid back (``bench/compile.py``).
             precision: "fp32", or "bf16" parameters with fp32 gradient reduction (GPU).
         """
         super().__init__(data_parallel_size="auto", tensor_parallel_size=tp,
@@ -79,6 +83,7 @@ class Parallel4DStrategy(ModelParallelStrategy):
         self.loss_parallel = loss_parallel
         self.activation_checkpointing = activation_checkpointing
         self.activation_checkpointing_every_n = activation_checkpointing_every_n
+        self.compile = compile
         self.param_precision = precision
         self.pipeline_stages: list[tuple[int, nn.Module]] = []
         from recipe.checkpointing import AtomicCheckpointIO
@@ -153,6 +158,7 @@ class Parallel4DStrategy(ModelParallelStrategy):
 
     def _parallelize_stage(self, model: Transformer) -> None:
         from recipe.parallel.activation_checkpoint import apply_activation_checkpointing
+        from recipe.parallel.compile import apply_compile
         from recipe.parallel.context import apply_context_parallel
         from recipe.parallel.fsdp import apply_fsdp
         from recipe.parallel.tensor import apply_tensor_parallel
@@ -163,6 +169,8 @@ class Parallel4DStrategy(ModelParallelStrategy):
         if self.dims.cp > 1:
             apply_context_parallel(model, self.device_mesh["cp"])
         apply_activation_checkpointing(model, self.activation_checkpointing, self.activation_checkpointing_every_n)
+        if self.compile:
+            apply_compile(model, self.root_device.type, tp=self.dims.tp)
         if self.dims.dp_replicate > 1:
             dp_mesh = self.device_mesh["dp_replicate", "dp_shard_cp"]
         else:

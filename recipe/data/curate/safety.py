@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from recipe.data.curate.heuristics import load_word_list
 from recipe.data.curate.record import Doc
 from recipe.data.curate.stage import Stage, register
+from recipe.errors import ConfigError
 
 __all__ = ["BlockList", "PiiMask", "mask_pii"]
 
@@ -31,10 +32,15 @@ _PHONE = re.compile(
 _RULES = (("emails", _EMAIL, "[EMAIL]"), ("ips", _IPV6, "[IP]"), ("ips", _IPV4, "[IP]"), ("phones", _PHONE, "[PHONE]"))
 
 
-def mask_pii(text: str) -> tuple[str, dict[str, int]]:
-    """``text`` with e-mails, IPs and phone numbers replaced by placeholders, and the counts."""
+PII_KINDS = ("emails", "phones", "ips")
+
+
+def mask_pii(text: str, kinds: tuple[str, ...] | frozenset[str] = PII_KINDS) -> tuple[str, dict[str, int]]:
+    """``text`` with e-mails, IPs and phone numbers (those of ``kinds``) replaced by placeholders, and the counts."""
     counts = {"emails": 0, "phones": 0, "ips": 0}
     for kind, pattern, placeholder in _RULES:
+        if kind not in kinds:
+            continue
         text, n = pattern.subn(placeholder, text)
         counts[kind] += n
     return text, counts
@@ -80,13 +86,29 @@ class BlockList(Stage):
 
 @register
 class PiiMask(Stage):
-    """Mask e-mail addresses, phone numbers and IP addresses (counted; nothing dropped)."""
+    """Mask e-mail addresses, phone numbers and IP addresses (counted; nothing dropped).
+
+    ``kinds_by_bucket`` narrows what is masked in some buckets: in code, addresses such as
+    ``127.0.0.1`` and digit groups shaped like phone numbers are usually program constants,
+    and rewriting them would corrupt the program, while an author's e-mail is still PII.
+    """
 
     name = "pii"
 
+    def __init__(self, kinds_by_bucket: dict[str, list[str]] | None = None, **kw) -> None:
+        super().__init__(**kw)
+        self.kinds_by_bucket: dict[str, frozenset[str]] = {}
+        for bucket, kinds in (kinds_by_bucket or {}).items():
+            unknown = sorted(set(kinds) - set(PII_KINDS))
+            if unknown:
+                raise ConfigError(f"stage pii: kinds_by_bucket[{bucket!r}] names {', '.join(unknown)}; "
+                                  f"choose from {', '.join(PII_KINDS)}")
+            self.kinds_by_bucket[bucket] = frozenset(kinds)
+
     def process(self, docs: list[Doc]) -> None:
         for doc in docs:
-            text, counts = mask_pii(doc.text)
+            kinds = self.kinds_by_bucket.get(doc.bucket or doc.domain or "", PII_KINDS)
+            text, counts = mask_pii(doc.text, kinds)
             if text != doc.text:
                 doc.text = text
                 self.count("documents_masked")
