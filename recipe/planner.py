@@ -4,27 +4,55 @@ The paper chose its layouts (Table 4) with a memory estimator and a performance
 projection. This is the same kind of model, written out so that each number can be
 checked:
 
-Memory of the busiest rank (the first pipeline rank: it holds the embedding and the
-most micro-batches in flight), in bytes:
+Memory: the peak of live tensor bytes of each pipeline rank during one training step
+(AdamW's state already exists), the busiest rank reported. Every term below is what
+autograd, FSDP2, the pipeline schedule or the loss actually keep, counted on the recipe's
+own step; ``tests/test_planner_memory.py`` checks the sum against CPU runs under each
+layout (within 10% per rank, most within 2%) and ``bench/gpu_memory.py`` against CUDA's
+allocator on an 8B-shaped slice (within 0.2%). ``c`` is the compute dtype's size (2 for
+bf16, 4 for fp32), ``P`` the rank's parameters over TP, ``F`` the FSDP group
+(dp_shard x cp), ``T`` the tokens of one micro-batch on the rank (``micro x seq / cp``).
 
-* sharded state: fp32 parameters, fp32 gradients and AdamW's two fp32 moments, 16 bytes
-  per parameter of the rank's stages, divided by TP and by the FSDP group
-  (dp_shard x cp);
-* unsharded compute copies: FSDP all-gathers the parameters it computes with (bf16 or
-  fp32, per TP shard). With pipeline parallelism the whole stage stays unsharded for the
-  step, as in the paper. Without it two layers are live at a time (the current one and
-  the prefetched one). The backward pass also holds two layers' unsharded gradients;
-* activations saved for the backward pass, per layer and token, in the compute dtype:
-  ``8 x dim + 4 x kv_dim + 4 x ffn`` values (norm inputs and outputs, q/k/v before and
-  after RoPE, the attention output, the SwiGLU's w1, w3, silu and product), divided by TP
-  (sequence parallelism shards the norm regions too) and by CP (each rank holds
-  ``seq_len / cp`` tokens). A checkpointed block keeps only its input. The tokens are
-  ``micro_batch x seq_len / cp`` per micro-batch;
-* micro-batches in flight on the first pipeline rank: GPipe all of them, 1F1B ``pp``,
-  interleaved 1F1B ``pp x (1 + (pp - 1) / (pp x v))`` (Narayanan et al., 2021);
-* the output logits in fp32 on the last stage (counted on the busiest rank too, as the
-  bound), twice: the logits and their gradient;
-* context parallelism's gathered keys and values of one layer (the full sequence).
+* state: fp32 parameters and AdamW's two moments, ``12 P / F``. Gradients add ``4 P / F``
+  where they exist at the peak, i.e. once a micro-batch finished its backward before it
+  (1F1B's steady state, gradient accumulation; not GPipe, nor a step of one micro-batch,
+  whose peak comes before any gradient). FSDP does not reduce-scatter accumulating
+  gradients (PP, or several micro-batches): it keeps them unsharded in fp32, ``4 P``;
+* FSDP's unsharded copies (FSDP runs when dp x cp > 1 or with bf16): under PP the whole
+  stage, ``c P``, gathered once for the step; without PP the output head, kept from its
+  forward to its backward;
+* activations a block saves for its backward, per token: the two RMSNorms' fp32 inputs
+  and normalised values ``2 dim (4 + c) / tp`` (sequence-sharded under TP); their
+  outputs as the projections see them, ``2 dim c`` - all-gathered, whole, under TP's
+  sequence parallelism (DTensor keeps the gathered input of a column-parallel linear);
+  q after RoPE, the attention output and K, V repeated to every query head over the
+  whole sequence (all-gathered over CP) ``(2 + 2 cp) dim c / tp``; the fp32
+  log-sum-exp and rsqrt ``(4 heads + 8) / tp``; SwiGLU's w1 x, silu, w3 x and product
+  ``4 ffn c / tp``; and with a dense attention mask (CP, or ``document_mask``) SDPA's
+  float bias over every key, ``seq c``. A checkpointed block keeps its input, ``dim c /
+  tp``, and one block is rebuilt at a time in the backward (the recompute buffer);
+* the head (last stage): the final norm like a block's, and the fp32 log-softmax of the
+  loss, ``4 vocab / tp`` per token;
+* pipelines: each stage's output is kept until its backward (hidden states, or the logits
+  on the last stage); every micro-batch of the step has a receive buffer for the stage's
+  input and one for its output gradient; under CP all micro-batches' masks exist at once;
+* micro-batches in flight on pipeline rank ``r``: GPipe all of them, 1F1B ``pp - r``,
+  interleaved 1F1B ``((v - 1) pp + 2 (pp - 1 - r) + 1) / v`` of the rank's layers
+  (Narayanan et al., 2021), at most all of them;
+* the backward's transient, at the worst of its moments: the loss backward (every
+  activation alive, plus the log-softmax's gradient and the loss's own: ``8 vocab T``
+  bytes, ``12 vocab T / tp`` for TP's vocabulary-parallel loss); a block's backward (its
+  FFN's activation gradients, ``3 ffn c T / tp``; without PP, FSDP's current and
+  prefetched blocks and the current block's unsharded gradients); FSDP's reduce-scatter
+  of the head, of the last block and of the embedding (the unit's unsharded gradients,
+  their fp32 copy that the collective sends, the shard it returns); the optimizer step
+  (every gradient; AdamW's foreach implementation adds one fp32 copy of the parameters,
+  the for-loop one two copies of the largest tensor, the fused one nothing).
+* the RoPE table of every stage.
+
+Not modelled: memory a kernel or a collective library allocates internally (gloo's
+reduce-scatter, for one, flattens its whole input into one more copy; NCCL does not),
+allocator fragmentation (the capacity is 95% of the GPU's memory), and the CUDA context.
 
 Step time: model FLOPs at an assumed MFU, plus the pipeline bubble
 ``(pp - 1) / (v x micro-batches)``, plus the recompute of checkpointed blocks (a forward
@@ -92,6 +120,7 @@ class Estimate:
     time: dict[str, float] = field(default_factory=dict)  # seconds by component
     fits: bool = True
     reason: str = ""
+    pp_rank: int = 0  # the pipeline rank whose memory is reported
 
     @property
     def memory_total(self) -> float:
@@ -107,40 +136,188 @@ def layer_params(args: ModelArgs) -> int:
     return 2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.ffn_hidden_dim + 2 * args.dim
 
 
-def rank_params(args: ModelArgs, layout: Layout, first_last_fewer: bool = True) -> tuple[int, int]:
-    """``(parameters, layers)`` of the first pipeline rank, the one with the embedding."""
+@dataclass(frozen=True)
+class RankShare:
+    """What one pipeline rank holds: its virtual stages, their layers, and the ends of the model."""
+
+    stages: tuple[int, ...]
+    layers: tuple[int, ...]  # global layer indices
+    n_stages: int  # virtual stages of the whole pipeline
+
+    @property
+    def embedding(self) -> bool:
+        return 0 in self.stages
+
+    @property
+    def head(self) -> bool:
+        return self.n_stages - 1 in self.stages
+
+
+def rank_share(args: ModelArgs, layout: Layout, pp_rank: int = 0, first_last_fewer: bool = True) -> RankShare:
     from recipe.parallel.pipeline import split_layers, stage_ids_for_rank
 
-    embedding = args.vocab_size * args.dim
     if layout.pp == 1:
-        return embedding + args.n_layers * layer_params(args) + args.dim + args.vocab_size * args.dim, args.n_layers
+        return RankShare((0,), tuple(range(args.n_layers)), 1)
     n_stages = layout.pp * layout.stages_per_rank
     split = split_layers(args.n_layers, n_stages, first_last_fewer)
-    layers = sum(len(split[s]) for s in stage_ids_for_rank(0, layout.pp, layout.stages_per_rank))
-    return embedding + layers * layer_params(args), layers
+    stages = tuple(stage_ids_for_rank(pp_rank, layout.pp, layout.stages_per_rank))
+    return RankShare(stages, tuple(i for s in stages for i in split[s]), n_stages)
 
 
-def activation_bytes_per_token_layer(args: ModelArgs, layout: Layout, dtype_bytes: int) -> float:
-    values = 8 * args.dim + 4 * args.n_kv_heads * args.head_dim + 4 * args.ffn_hidden_dim
-    return values * dtype_bytes / layout.tp
+def share_params(args: ModelArgs, share: RankShare) -> int:
+    """Parameters of a rank's stages (before TP and FSDP sharding)."""
+    head = (args.dim + args.vocab_size * args.dim) if share.head else 0
+    return len(share.layers) * layer_params(args) + share.embedding * args.vocab_size * args.dim + head
 
 
-def in_flight(layout: Layout, n_micro: int) -> float:
-    """Micro-batches whose activations the first pipeline rank holds at its peak."""
+def rank_params(args: ModelArgs, layout: Layout, first_last_fewer: bool = True) -> tuple[int, int]:
+    """``(parameters, layers)`` of the first pipeline rank, the one with the embedding (for the step time)."""
+    share = rank_share(args, layout, 0, first_last_fewer)
+    return share_params(args, share), len(share.layers)
+
+
+def layer_activation_bytes(args: ModelArgs, layout: Layout, compute_bytes: int, seq_len: int,
+                           dense_mask: bool) -> float:
+    """Bytes one transformer block keeps for its backward pass, per token of the rank's sequence shard."""
+    c, tp, cp, dim = compute_bytes, layout.tp, layout.cp, args.dim
+    norms = 2 * dim * (4 + c) / tp  # each RMSNorm's fp32 input and normalised value, sequence-sharded under TP
+    projection_inputs = 2 * dim * c  # the norms' outputs as the projections see them: whole, all-gathered over TP
+    # q after RoPE and the attention output; K and V repeated to every query head (GQA) over
+    # the whole sequence (all-gathered over CP); the log-sum-exp and the two rsqrt, fp32.
+    attention = (2 * dim * c + 2 * dim * c * cp + 4 * args.n_heads + 2 * 4) / tp
+    feed_forward = 4 * args.ffn_hidden_dim * c / tp  # w1 x, silu(w1 x), w3 x and their product
+    mask = seq_len * c if dense_mask else 0.0  # SDPA's float bias of the boolean mask: every key per query
+    return norms + projection_inputs + attention + feed_forward + mask
+
+
+def head_activation_bytes(args: ModelArgs, layout: Layout, compute_bytes: int) -> float:
+    """Bytes the final norm, the output head and the loss keep per token: the fp32 log-softmax dominates."""
+    c, tp = compute_bytes, layout.tp
+    return args.dim * (4 + c) / tp + args.dim * c + 4 * args.vocab_size / tp
+
+
+def in_flight(layout: Layout, n_micro: int, pp_rank: int = 0) -> float:
+    """Micro-batches whose activations pipeline rank ``pp_rank`` holds at its peak (in whole-rank units)."""
     if layout.pp == 1:
         return 1.0
-    if layout.schedule == "GPipe":
+    if layout.schedule in ("GPipe", "LoopedBFS"):
         return float(n_micro)
     p, v = layout.pp, layout.stages_per_rank
     if v == 1:
-        return float(min(p, n_micro))
-    return min(float(n_micro), p * (1 + (p - 1) / (p * v)))
+        return float(min(p - pp_rank, n_micro))
+    # Interleaved 1F1B warms up with (v - 1) x p + 2 (p - 1 - rank) chunks (one stage's share
+    # of a micro-batch each) and then holds one more (Narayanan et al., 2021).
+    chunks = (v - 1) * p + 2 * (p - 1 - pp_rank) + 1
+    return min(float(n_micro), chunks / v)
+
+
+def _checkpointed(layout: Layout, layer: int) -> bool:
+    mode = layout.activation_checkpointing
+    return mode == "full" or (mode == "selective" and layer % layout.checkpoint_every_n == 0)
+
+
+def rank_memory(args: ModelArgs, layout: Layout, pp_rank: int, seq_len: int, micro_batch: int, n_micro: int,
+                precision: str, optimizer: str, first_last_fewer: bool, document_mask: bool) -> dict[str, float]:
+    """Bytes by component of pipeline rank ``pp_rank`` at its peak (see the module docstring)."""
+    c = 2 if precision == "bf16" else 4
+    tp, cp = layout.tp, layout.cp
+    share = rank_share(args, layout, pp_rank, first_last_fewer)
+    params = share_params(args, share) / tp
+    layer = layer_params(args) / tp
+    head_params = (args.dim + args.vocab_size * args.dim) / tp if share.head else 0.0
+    shard = (layout.dp_shard or layout.dp) * cp
+    fsdp = layout.dp * cp > 1 or precision != "fp32"  # the strategy's rule for applying fully_shard
+    tokens = micro_batch * seq_len / cp  # of one micro-batch on this rank
+    flight = in_flight(layout, n_micro, pp_rank)
+    grads_exist = flight < n_micro  # some micro-batch finished its backward before the peak
+    unsharded_grads = fsdp and (layout.pp > 1 or n_micro > 1)  # accumulated without reduce-scatter
+
+    # What every moment of the backward pass holds.
+    base: dict[str, float] = {}
+    base["sharded params+grads+adam"] = (12 + 4 * (grads_exist and not unsharded_grads)) * params / shard
+    base["buffers"] = layout.stages_per_rank * args.max_seq_len * args.head_dim * 4  # the RoPE table per stage
+    if fsdp and layout.pp > 1:
+        base["unsharded params"] = c * params  # gathered once, kept for the whole step
+    if grads_exist and unsharded_grads:
+        base["unsharded grads"] = 4 * params  # FSDP accumulates them in fp32
+    full = layer_activation_bytes(args, layout, c, seq_len, cp > 1 or document_mask) * tokens
+    kept_input = args.dim * c / tp * tokens  # all a checkpointed block keeps
+    saved = {i: kept_input if _checkpointed(layout, i) else full for i in share.layers}
+    per_micro = sum(saved.values())
+    if layout.pp > 1:
+        # The schedule keeps each stage's output until its backward: hidden states, or the
+        # logits on the last stage. A later stage's input is a receive buffer, which in fp32
+        # is the first block's saved input itself.
+        boundary = args.dim * c / tp * tokens
+        outputs = sum(1 for s in share.stages if s < share.n_stages - 1)
+        inputs = sum(1 for s in share.stages if s > 0)
+        per_micro += (outputs * boundary + share.head * c * args.vocab_size / tp * tokens
+                      - (c == 4) * inputs * boundary) / layout.stages_per_rank
+        base["pipeline buffers"] = n_micro * (inputs + outputs) * boundary  # received activations and gradients
+        if cp > 1:  # the context-parallel mask [micro, 1, seq / cp, seq] of every micro-batch, built up front
+            base["attention masks"] = n_micro * micro_batch * seq_len / cp * seq_len
+    if any(_checkpointed(layout, i) for i in share.layers):
+        base["recompute buffer"] = full  # one block's activations rebuilt at a time
+    head = head_activation_bytes(args, layout, c) * tokens if share.head else 0.0
+    acts = (per_micro + head) * flight
+
+    # The loss backward (last stage): every activation, the head's unsharded weights, and the
+    # gradients of the fp32 log-softmax (2 logits-sized tensors; 3 for TP's vocabulary-parallel loss).
+    loss = {**base, "activations": acts}
+    if share.head:
+        if fsdp and layout.pp == 1:
+            loss["unsharded params"] = c * head_params
+        loss["backward working set"] = (12 if tp > 1 else 8) * args.vocab_size / tp * tokens
+    # A block's backward: the head's activations are gone and its gradient exists; FSDP holds
+    # this block and the prefetched next one unsharded, and this block's unsharded gradients.
+    block = {**base, "activations": acts - head}
+    if fsdp and layout.pp == 1:
+        block["unsharded params"] = 2 * c * layer
+        block["unsharded grads"] = block.get("unsharded grads", 0.0) + c * layer
+        if not grads_exist:
+            block["sharded params+grads+adam"] += 4 * head_params / shard
+    block["backward working set"] = 3 * args.ffn_hidden_dim * c / tp * tokens  # the FFN's activation gradients
+    moments = [loss, block]
+    if fsdp and layout.pp == 1:
+        # FSDP reduce-scatters each unit's gradients after its backward: the unit's unsharded
+        # gradients, their fp32 copy the collective sends and the shard it returns, with the
+        # next block prefetched. The head (first, most activations left), the last block, and
+        # the embedding (last, every other gradient done) bound the sequence.
+        embedding = args.vocab_size * args.dim / tp
+        last = saved[share.layers[-1]]
+        for unit, left, done in ((head_params, acts - head, 0.0), (layer, acts - head - last, head_params),
+                                 (embedding, 0.0, params - embedding)):
+            moment = {**base, "activations": left, "unsharded params": c * layer if left else 0.0,
+                      "reduce-scatter buffers": (c + 4 + 4 / shard) * unit}
+            if not unsharded_grads:
+                moment["sharded params+grads+adam"] += 4 * done / shard
+            moments.append(moment)
+    # The optimizer step: every gradient exists, activations are gone. AdamW's temporaries:
+    # foreach (torch's default on GPUs) one fp32 copy of the parameters, the for-loop
+    # (its default on CPUs) two of the largest tensor, fused none.
+    largest = max(args.vocab_size * args.dim, args.dim * args.ffn_hidden_dim, args.dim * args.dim) / tp
+    temporaries = {"foreach": 4 * params, "for-loop": 8 * largest, "fused": 0.0}[optimizer] / shard
+    moments.append({"sharded params+grads+adam": 16 * params / shard, "buffers": base["buffers"],
+                    "pipeline buffers": base.get("pipeline buffers", 0.0), "optimizer temporaries": temporaries})
+    return max(moments, key=lambda m: sum(m.values()))
 
 
 def estimate(args: ModelArgs, layout: Layout, seq_len: int, batch_tokens: int, micro_batch: int = 1,
              hardware: Hardware = HARDWARE["h100-80gb"], precision: str = "bf16", mfu: float = 0.4,
-             first_last_fewer: bool = True) -> Estimate:
-    """Memory of the busiest rank and step time of ``layout`` (see the module docstring)."""
+             first_last_fewer: bool = True, optimizer: str = "foreach", document_mask: bool = False,
+             pp_rank: int | None = None) -> Estimate:
+    """Memory of the busiest rank and step time of ``layout`` (see the module docstring).
+
+    ``optimizer``: AdamW's implementation, "foreach" (torch's default on GPUs), "for-loop"
+    (its default on CPUs) or "fused". ``document_mask``: rows pack several documents, so
+    attention gets a dense mask even without CP. ``pp_rank``: the pipeline rank to report
+    (default: the one with the most memory).
+    """
+    if precision not in ("bf16", "fp32") or optimizer not in ("foreach", "for-loop", "fused"):
+        raise ConfigError(f"precision must be bf16 or fp32 and optimizer foreach, for-loop or fused, got "
+                          f"{precision!r} and {optimizer!r}")
+    if pp_rank is not None and not 0 <= pp_rank < layout.pp:
+        raise ConfigError(f"pp_rank={pp_rank} is outside 0..{layout.pp - 1}")
     est = Estimate(layout)
     compute_bytes = 2 if precision == "bf16" else 4
     batch = batch_tokens // seq_len
@@ -151,31 +328,11 @@ def estimate(args: ModelArgs, layout: Layout, seq_len: int, batch_tokens: int, m
     if n_micro < 1 or (layout.pp > 1 and n_micro < layout.pp):
         est.fits, est.reason = False, f"{n_micro} micro-batches per step, fewer than pp={layout.pp}"
         return est
-    params, layers = rank_params(args, layout, first_last_fewer)
-    fsdp = (layout.dp_shard or layout.dp) * layout.cp
-    est.memory["sharded params+grads+adam"] = 16 * params / layout.tp / fsdp
-    live_layers = layers if layout.pp > 1 else 2
-    est.memory["unsharded params"] = compute_bytes * live_layers * layer_params(args) / layout.tp
-    if layout.pp > 1:
-        est.memory["unsharded params"] += compute_bytes * args.vocab_size * args.dim / layout.tp
-    est.memory["unsharded grads"] = (compute_bytes + 4) * 2 * layer_params(args) / layout.tp
-    tokens = micro_batch * seq_len / layout.cp
-    full = activation_bytes_per_token_layer(args, layout, compute_bytes) * tokens
-    kept_input = args.dim * compute_bytes / layout.tp * tokens
-    if layout.activation_checkpointing == "full":
-        checkpointed = layers
-    elif layout.activation_checkpointing == "selective":
-        checkpointed = layers // layout.checkpoint_every_n
-    else:
-        checkpointed = 0
-    per_micro = (layers - checkpointed) * full + checkpointed * kept_input
-    est.memory["activations"] = per_micro * in_flight(layout, n_micro)
-    if checkpointed:
-        est.memory["recompute buffer"] = full  # one block's activations rebuilt at a time
-    est.memory["logits (fp32)"] = 2 * tokens * args.vocab_size / layout.tp * 4
-    if layout.cp > 1:
-        est.memory["cp gathered k/v"] = 2 * micro_batch * seq_len * args.n_kv_heads * args.head_dim * compute_bytes \
-            / layout.tp
+    ranks = range(layout.pp) if pp_rank is None else [pp_rank]
+    per_rank = {r: rank_memory(args, layout, r, seq_len, micro_batch, n_micro, precision, optimizer,
+                               first_last_fewer, document_mask) for r in ranks}
+    est.pp_rank = max(per_rank, key=lambda r: sum(per_rank[r].values()))
+    est.memory = per_rank[est.pp_rank]
     capacity = hardware.memory_bytes * 0.95  # allocator fragmentation and workspace
     if est.memory_total > capacity:
         biggest = max(est.memory, key=est.memory.get)
@@ -183,6 +340,11 @@ def estimate(args: ModelArgs, layout: Layout, seq_len: int, batch_tokens: int, m
         est.reason = (f"needs {est.memory_total / GIB:.1f} GiB per GPU, over {capacity / GIB:.1f} GiB; the largest part "
                       f"is {biggest} ({est.memory[biggest] / GIB:.1f} GiB)")
 
+    params, layers = rank_params(args, layout, first_last_fewer)
+    fsdp = (layout.dp_shard or layout.dp) * layout.cp
+    tokens = micro_batch * seq_len / layout.cp
+    checkpointed = {"full": layers, "selective": layers // layout.checkpoint_every_n}.get(
+        layout.activation_checkpointing, 0)
     gpus = layout.gpus
     flops = flops_per_token(args, seq_len) * batch_tokens
     compute = flops / (gpus * hardware.peak_flops * mfu)
@@ -236,6 +398,8 @@ def candidates(args: ModelArgs, gpus: int, seq_len: int, batch_tokens: int, micr
 def describe(est: Estimate, hardware: Hardware) -> str:
     lines = [f"{est.layout}: {'fits' if est.fits else 'does not fit'}"
              + (f" - {est.reason}" if est.reason else "")]
+    if est.layout.pp > 1:
+        lines.append(f"  memory of pipeline rank {est.pp_rank}, the busiest")
     for name, value in est.memory.items():
         lines.append(f"  memory  {name:<28}{value / GIB:9.2f} GiB")
     lines.append(f"  memory  {'total':<28}{est.memory_total / GIB:9.2f} GiB of {hardware.memory_bytes / GIB:.1f}")
