@@ -273,9 +273,11 @@ class LlamaLightningModule(L.LightningModule):
                 if loss is not None:
                     loss_sum += as_local(loss.detach())
             else:
+                every = bool(getattr(self._parallel(), "reduce_every_micro_batch", False))
                 for micro in range(n_micro):
-                    # Reduce-scatter gradients once per step, on the last micro-batch.
-                    set_gradient_sync(list(self.model.modules()), micro == n_micro - 1)
+                    # Reduce-scatter gradients once per step, on the last micro-batch (or
+                    # after each one, trading traffic for sharded gradients).
+                    set_gradient_sync(list(self.model.modules()), every or micro == n_micro - 1)
                     loss = self.micro_batch_loss(tokens[micro], doc_ids[micro], global_targets)
                     self.manual_backward(loss)
                     loss_sum += as_local(loss.detach())

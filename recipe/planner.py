@@ -103,6 +103,7 @@ class Layout:
     schedule: str = "1F1B"
     activation_checkpointing: str = "none"  # none | selective | full
     checkpoint_every_n: int = 2
+    reduce_every_micro_batch: bool = False  # FSDP reduce-scatter per micro-batch (no unsharded fp32 grads)
 
     @property
     def gpus(self) -> int:
@@ -110,7 +111,8 @@ class Layout:
 
     def __str__(self) -> str:
         v = f" x{self.stages_per_rank} {self.schedule}" if self.pp > 1 else ""
-        return f"tp{self.tp} cp{self.cp} pp{self.pp}{v} dp{self.dp} ac={self.activation_checkpointing}"
+        reduce = " reduce=every-micro-batch" if self.reduce_every_micro_batch and self.pp == 1 else ""
+        return f"tp{self.tp} cp{self.cp} pp{self.pp}{v} dp{self.dp} ac={self.activation_checkpointing}{reduce}"
 
 
 @dataclass
@@ -230,7 +232,8 @@ def rank_memory(args: ModelArgs, layout: Layout, pp_rank: int, seq_len: int, mic
     tokens = micro_batch * seq_len / cp  # of one micro-batch on this rank
     flight = in_flight(layout, n_micro, pp_rank)
     grads_exist = flight < n_micro  # some micro-batch finished its backward before the peak
-    unsharded_grads = fsdp and (layout.pp > 1 or n_micro > 1)  # accumulated without reduce-scatter
+    # Accumulated without reduce-scatter: under PP always, otherwise unless reduced per micro-batch.
+    unsharded_grads = fsdp and (layout.pp > 1 or (n_micro > 1 and not layout.reduce_every_micro_batch))
 
     # What every moment of the backward pass holds.
     base: dict[str, float] = {}
@@ -365,10 +368,12 @@ def estimate(args: ModelArgs, layout: Layout, seq_len: int, batch_tokens: int, m
     if layout.pp > 1:
         boundary = tokens * args.dim * compute_bytes / layout.tp
         est.time["pp comm"] = 2 * boundary * layout.stages_per_rank * n_micro / hardware.inter_node_bytes_per_s
-    # Parameters are gathered once per step under PP (kept unsharded), twice without it
-    # (forward and backward); gradients are reduce-scattered once, in fp32.
-    gathers = 1 if layout.pp > 1 else 2
-    fsdp_bytes = (gathers * compute_bytes + 4) * params / layout.tp * (fsdp - 1) / fsdp
+    # Parameters are gathered once per step under PP (kept unsharded), twice per
+    # micro-batch without it (forward and backward, resharded after each); gradients are
+    # reduce-scattered in fp32 once per step, or once per micro-batch when asked to.
+    gathers = 1 if layout.pp > 1 else 2 * n_micro
+    reduces = n_micro if layout.reduce_every_micro_batch and layout.pp == 1 else 1
+    fsdp_bytes = (gathers * compute_bytes + 4 * reduces) * params / layout.tp * (fsdp - 1) / fsdp
     est.time["fsdp comm (exposed)"] = max(0.0, fsdp_bytes / hardware.inter_node_bytes_per_s - compute)
     return est
 
@@ -434,7 +439,8 @@ def config_layout(config: dict) -> tuple[Layout, int, int, int, str]:
                     stages_per_rank=int(sizes.get("pp_stages_per_rank", 1)),
                     schedule=str(sizes.get("pp_schedule", "1F1B")),
                     activation_checkpointing=str(sizes.get("activation_checkpointing", "none")),
-                    checkpoint_every_n=int(sizes.get("activation_checkpointing_every_n", 2)))
+                    checkpoint_every_n=int(sizes.get("activation_checkpointing_every_n", 2)),
+                    reduce_every_micro_batch=bool(sizes.get("reduce_every_micro_batch", False)))
     return layout, seq_len, batch_tokens, int(data.get("micro_batch_size", 1)), str(sizes.get("precision", "fp32"))
 
 

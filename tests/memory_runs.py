@@ -42,7 +42,8 @@ class Case:
         return Layout(tp=s.get("tp", 1), cp=s.get("cp", 1), pp=s.get("pp", 1), dp=dp, dp_shard=s.get("dp_shard", 1),
                       stages_per_rank=s.get("pp_stages_per_rank", 1), schedule=s.get("pp_schedule", "1F1B"),
                       activation_checkpointing=s.get("activation_checkpointing", "none"),
-                      checkpoint_every_n=s.get("activation_checkpointing_every_n", 2))
+                      checkpoint_every_n=s.get("activation_checkpointing_every_n", 2),
+                      reduce_every_micro_batch=s.get("reduce_every_micro_batch", False))
 
     def estimate(self, args: ModelArgs, rank: int) -> Estimate:
         """The planner's memory of global rank ``rank`` for this CPU run (torch's for-loop AdamW)."""
@@ -73,6 +74,9 @@ TWO_RANKS = {
     "fsdp2": Case({"dp_shard": 2}, SEQ),
     # bf16 matmuls are ten times slower than fp32 on CPUs without bf16 units: a shorter sequence.
     "fsdp2_bf16": Case({"dp_shard": 2, "precision": "bf16"}, SEQ // 2),
+    # Two micro-batches: gradients accumulate unsharded in fp32, or are reduce-scattered each time.
+    "fsdp2_accumulate": Case({"dp_shard": 2}, SEQ, n_micro=2),
+    "fsdp2_reduce_every_micro_batch": Case({"dp_shard": 2, "reduce_every_micro_batch": True}, SEQ, n_micro=2),
     "tp2": Case({"tp": 2, "dp_shard": 1}, SEQ),
     "cp2": Case({"cp": 2, "dp_shard": 1}, SEQ),
     # Three micro-batches: 1F1B holds two on the first rank, GPipe all three on both.

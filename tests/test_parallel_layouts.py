@@ -38,6 +38,7 @@ LAYOUTS = {
         # torch.compile per block (inductor's C++ backend), with AC inside the compiled blocks.
         "fsdp2_compile_selective_ac": dict(dp_shard=2, compile=True, activation_checkpointing="selective",
                                            activation_checkpointing_every_n=2),
+        "fsdp2_reduce_every_micro_batch": dict(dp_shard=2, reduce_every_micro_batch=True),
         "tp2": dict(tp=2, dp_shard=1),
         "cp2": dict(cp=2, dp_shard=1),
         "cp2_compile": dict(cp=2, dp_shard=1, compile=True),

@@ -63,14 +63,22 @@ def test_a_batch_that_does_not_split_is_explained(llama405b):
 def test_plan_command(capsys, llama405b):
     assert main(["plan", "--config", "configs/llama3_405b.yaml", "--gpus", "16384", "--top", "3"]) == 0
     out = capsys.readouterr().out
-    # The config's layout with its every-other-block checkpointing does not fit in this
-    # recipe: DTensor's sequence parallelism keeps the all-gathered inputs of the
-    # projections for the backward pass, and FSDP accumulates the stage's gradients
-    # unsharded in fp32 under PP (both measured on CPU by tests/test_planner_memory.py).
-    assert "tp8 cp1 pp16 x2 Interleaved1F1B dp128 ac=selective: does not fit" in out
-    assert "the largest part is activations" in out and "layouts fit; the fastest" in out
-    full = Layout(tp=8, pp=16, dp=128, stages_per_rank=2, schedule="Interleaved1F1B", activation_checkpointing="full")
-    assert estimate(llama405b, full, 8192, BATCH, 1, H100).fits
+    assert "tp8 cp1 pp16 x2 Interleaved1F1B dp128 ac=full: fits" in out and "layouts fit; the fastest" in out
+    # Every-other-block checkpointing does not fit in this recipe: DTensor's sequence
+    # parallelism keeps the all-gathered inputs of the projections for the backward pass,
+    # and FSDP accumulates the stage's gradients unsharded in fp32 under PP (both measured
+    # on CPU by tests/test_planner_memory.py).
+    selective = Layout(tp=8, pp=16, dp=128, stages_per_rank=2, schedule="Interleaved1F1B",
+                       activation_checkpointing="selective")
+    est = estimate(llama405b, selective, 8192, BATCH, 1, H100)
+    assert not est.fits and "the largest part is activations" in est.reason
+
+
+@pytest.mark.parametrize("config", ["configs/llama3_8b.yaml", "configs/llama3_70b.yaml", "configs/llama3_405b.yaml",
+                                    "configs/llama3_405b_long_context.yaml"])
+def test_shipped_gpu_configs_fit_on_80gb(config, capsys):
+    assert main(["plan", "--config", config, "--top", "1"]) == 0
+    assert ": fits" in capsys.readouterr().out.split("the config's layout")[1].splitlines()[1]
 
 
 def test_gpu_check_script_runs(tmp_path):
@@ -100,3 +108,14 @@ def test_gpu_memory_script_runs():
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("gpu_memory: ")]
     assert len(lines) == 2 and "recipe" in lines[0] and "gpu_check" in lines[1] and "MiB | planner" in lines[0]
+
+
+def test_reducing_every_micro_batch_trades_unsharded_gradients_for_traffic():
+    args = model_args_from_config("configs/llama3_8b.yaml")
+    once = estimate(args, Layout(dp=8), 8192, 4 * 1024 * 1024, 1, H100)
+    every = estimate(args, Layout(dp=8, reduce_every_micro_batch=True), 8192, 4 * 1024 * 1024, 1, H100)
+    assert once.memory["unsharded grads"] == pytest.approx(4 * 8_030_261_248, rel=1e-6)
+    assert "unsharded grads" not in every.memory
+    # The 30 GiB of unsharded fp32 gradients become a 3.7 GiB gradient shard.
+    assert every.memory_total < once.memory_total - 25 * 1024**3
+    assert str(every.layout).endswith("reduce=every-micro-batch")

@@ -50,6 +50,7 @@ class Parallel4DStrategy(ModelParallelStrategy):
         activation_checkpointing: Literal["none", "full", "selective"] = "none",
         activation_checkpointing_every_n: int = 2,
         compile: bool = False,
+        reduce_every_micro_batch: bool = False,
         precision: Literal["fp32", "bf16"] = "fp32",
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
@@ -70,6 +71,11 @@ class Parallel4DStrategy(ModelParallelStrategy):
             compile: ``torch.compile`` each transformer block (inductor; on CPU its C++
                 backend). Off by default: eager is faster for small CPU runs, where the
                 compile time is never paid back (``bench/compile.py``).
+            reduce_every_micro_batch: reduce-scatter FSDP gradients after every
+                micro-batch instead of once per step. Without it gradients accumulate
+                unsharded in fp32 (4 bytes per parameter of the rank) for one reduce-scatter;
+                with it they stay sharded at the cost of one reduce-scatter per micro-batch.
+                Pipeline schedules always reduce once per step.
             precision: "fp32", or "bf16" parameters with fp32 gradient reduction (GPU).
         """
         super().__init__(data_parallel_size="auto", tensor_parallel_size=tp,
@@ -84,6 +90,7 @@ class Parallel4DStrategy(ModelParallelStrategy):
         self.activation_checkpointing = activation_checkpointing
         self.activation_checkpointing_every_n = activation_checkpointing_every_n
         self.compile = compile
+        self.reduce_every_micro_batch = reduce_every_micro_batch
         self.param_precision = precision
         self.pipeline_stages: list[tuple[int, nn.Module]] = []
         from recipe.checkpointing import AtomicCheckpointIO
