@@ -84,6 +84,8 @@ def main() -> None:
     achieved, params = training_flops_rate(args.steps)
     result = {"bench": "cpu_mfu", "gemm_peak_flops": peak, "peak_shape": where, "achieved_flops": achieved,
               "mfu": achieved / peak, "threads": torch.get_num_threads(), "target": ">= 0.5", "params": params}
+    result["headline"] = [{"name": "MFU (model FLOP/s / GEMM peak)", "value": 100 * result["mfu"], "unit": "%",
+                           "target": ">= 50", "met": result["mfu"] >= 0.5}]
     print(f"{params / 1e6:.1f}M parameters. GEMM peak {peak / 1e9:.1f} GFLOP/s ({where}, {torch.get_num_threads()} threads); training "
           f"{achieved / 1e9:.1f} GFLOP/s: MFU {achieved / peak:.1%} (target >= 50%)")
     if args.json:

@@ -90,7 +90,9 @@ def main() -> None:
         loader = loader_rate(data_dir, max(50, 10 * args.steps))
         training = training_rate(data_dir, args.steps)
     result = {"bench": "dataloader", "loader_tokens_per_s": loader, "training_tokens_per_s": training,
-              "ratio": loader / training, "target": ">= 10"}
+              "ratio": loader / training, "target": ">= 10",
+              "headline": [{"name": "loader / training tokens/s", "value": loader / training, "unit": "x",
+                            "target": ">= 10", "met": loader / training >= 10}]}
     print(f"loader {loader:,.0f} tok/s, training {training:,.0f} tok/s: headroom {loader / training:,.1f}x "
           f"(target >= 10x)")
     if args.json:

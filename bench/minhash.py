@@ -138,6 +138,15 @@ def main() -> None:
         if name != "datasketch":
             print(f"speed-up of {name} over datasketch: {results[name]['docs_per_s'] / base:.2f}x")
     if args.json:
+        ours_r, theirs = results[f"ours, {args.workers} processes"], results["datasketch"]
+        speedup = ours_r["docs_per_s"] / theirs["docs_per_s"]
+        results["headline"] = [
+            {"name": f"ours ({args.workers} processes) / datasketch docs/s", "value": speedup, "unit": "x",
+             "target": ">= 2", "met": speedup >= 2},
+            {"name": f"recall at J>={args.threshold}, ours", "value": ours_r["recall_at_threshold"], "unit": "",
+             "target": f">= {theirs['recall_at_threshold']} (datasketch)",
+             "met": ours_r["recall_at_threshold"] >= theirs["recall_at_threshold"]},
+        ]
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
 
 

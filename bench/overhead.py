@@ -135,6 +135,8 @@ def main() -> None:
               "torch_threads": torch.get_num_threads()}
     with torch.device("meta"):
         result["model_parameters"] = sum(p.numel() for p in Transformer(ARCH).parameters())
+    result["headline"] = [{"name": "recipe / bare loop", "value": result["ratio"], "unit": "x", "target": ">= 0.95",
+                           "met": result["ratio"] >= 0.95}]
     print(f"\n{'path':<10}{'tokens/s':>12}\n{'bare':<10}{result['bare_tokens_per_sec']:>12.1f}\n"
           f"{'recipe':<10}{result['recipe_tokens_per_sec']:>12.1f}\n"
           f"ratio recipe / bare = {result['ratio']:.3f} (target >= 0.95)")
