@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from recipe.data.build import _Splitter, load_tokenizer
-from recipe.data.curate.record import Doc, hash01
+from recipe.data.curate.record import Doc, hash01_pair
 from recipe.data.curate.stage import Stage, register
 from recipe.data.errors import DataError
 from recipe.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter
@@ -150,19 +150,24 @@ class Pack(Stage):
         inner[ends - 1] = False
         flat[inner] = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.uint32, count=int(inner.sum()))
         buckets = [self.bucket_of(d) for d in docs]
-        for bucket in sorted(set(buckets)):
-            idx = [i for i, b in enumerate(buckets) if b == bucket]
+        names = sorted(set(buckets))
+        bucket_ids = np.array([names.index(b) for b in buckets], dtype=np.int64)
+        token_bucket = np.repeat(bucket_ids, lengths)
+        for b, bucket in enumerate(names):
+            idx = np.flatnonzero(bucket_ids == b).tolist()
             if bucket not in self._files:
                 self._files[bucket] = (open(self._path(bucket, "u32"), "wb"), open(self._path(bucket, "jsonl"), "w"))
                 self._meta[bucket] = {"length": [], "split": [], "sample": [], "bytes": []}
             tokens_file, meta_file = self._files[bucket]
             meta = self._meta[bucket]
+            # One write per bucket and batch: the bucket's documents, in batch order.
+            tokens_file.write(flat[token_bucket == b].tobytes())
             for i in idx:
-                tokens_file.write(flat[ends[i] - lengths[i] : ends[i]].tobytes())
                 doc = docs[i]
                 meta["length"].append(int(lengths[i]))
-                meta["split"].append(hash01(doc.text))
-                meta["sample"].append(hash01(doc.text, _MIX_SALT))
+                split, sample = hash01_pair(doc.text, _MIX_SALT)
+                meta["split"].append(split)
+                meta["sample"].append(sample)
                 meta["bytes"].append(doc.nbytes)
                 meta_file.write(json.dumps({"source": doc.source, "head": doc.text[:300]}, ensure_ascii=False) + "\n")
 

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Doc", "hash01", "text_hash64"]
+__all__ = ["Doc", "hash01", "hash01_pair", "text_hash64"]
 
 _SPILL_FIELDS = ("text", "source", "url", "date", "domain", "bucket", "language", "topic", "scores")
 
@@ -67,3 +67,10 @@ def text_hash64(text: str, salt: bytes = b"") -> int:
 def hash01(text: str, salt: bytes = b"") -> float:
     """A deterministic uniform number in [0, 1) from ``text``; a salt gives an independent draw."""
     return text_hash64(text, salt) / 2.0**64
+
+
+def hash01_pair(text: str, salt: bytes = b"") -> tuple[float, float]:
+    """Two independent deterministic uniform numbers in [0, 1) from one pass over ``text``
+    (the two halves of a 128-bit digest): hashing is a visible share of packing's time."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16, key=salt[:64]).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64, int.from_bytes(digest[8:], "big") / 2.0**64
