@@ -1,6 +1,6 @@
 """torch.compile per block vs eager: steady-state step time, compile time and break-even.
 
-The model and batch are ``bench/cpu_mfu.py``'s (~44M parameters, 4 x 512 tokens). Both
+The model, batch and step are ``bench/cpu_mfu.py``'s (58.7M parameters, 4 x 512 tokens). Both
 variants train the same steps from the same weights; the compiled one compiles its
 blocks exactly as ``Parallel4DStrategy(compile=True)`` does (``recipe.parallel.compile``),
 so its first step carries the compile time. Reported: eager / compiled step time (above
@@ -25,30 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_mfu import ARCH, MICRO, SEQ_LEN  # noqa: E402
-from recipe.module import LlamaLightningModule, OptimizerConfig  # noqa: E402
-from recipe.parallel.compile import apply_compile  # noqa: E402
-from recipe.schedule import LRSchedule  # noqa: E402
-
-
-def training_step(compiled: bool) -> Callable[[], None]:
-    torch.manual_seed(0)
-    module = LlamaLightningModule(arch=ARCH, optimizer=OptimizerConfig(lr=1e-3),
-                                  lr_schedule=LRSchedule(warmup_steps=1, decay_steps=100, min_lr=1e-4))
-    module.configure_model()
-    if compiled:
-        apply_compile(module.model, "cpu")
-    optimizer = module.configure_optimizers()
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, ARCH.vocab_size, (MICRO, SEQ_LEN + 1), generator=generator)
-    doc_ids = torch.zeros_like(tokens)
-
-    def step() -> None:
-        module.micro_batch_loss(tokens, doc_ids, MICRO * SEQ_LEN).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+from cpu_mfu import training_step  # noqa: E402
 
 
 def timed(step: Callable[[], None]) -> float:
@@ -58,7 +35,7 @@ def timed(step: Callable[[], None]) -> float:
 
 
 def measure(compiled: bool, steps: int) -> dict[str, float]:
-    step = training_step(compiled)
+    step, _ = training_step(compiled)
     first = timed(step)  # eager: warm-up; compiled: tracing and C++ compilation too
     times = [timed(step) for _ in range(steps)]
     steady = statistics.median(times)

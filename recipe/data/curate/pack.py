@@ -1,8 +1,8 @@
 """Stage 9: mix buckets by weight, tokenize, pack into train/val shards (one domain per bucket).
 
-Tokenizing happens once, as documents arrive: ``encode_batch`` (tiktoken's
-``encode_ordinary_batch`` on threads) turns a batch into ``[bos] + ids + [eos]``,
-appended per bucket to a flat uint32 spill file. The mix needs every bucket's token
+Tokenizing happens once, as documents arrive: tiktoken's BPE core on threads (straight
+to uint32 buffers) turns a batch into ``[bos] + ids + [eos]``, appended per bucket to a
+flat uint32 spill file. The mix needs every bucket's token
 count before it can choose, so choosing waits for the end: with the default
 (exact proportions) the largest token budget whose split by ``weights`` every present
 bucket can fill; with ``total_tokens``, that budget split by the weights (a bucket
@@ -17,7 +17,6 @@ order-free. Survivors go to ``train``/``val`` by the same text-hash rule as
 from __future__ import annotations
 
 import inspect
-import itertools
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -105,25 +104,32 @@ class Pack(Stage):
 
         self._fast = MAX_RUN_CHARS if isinstance(self.tok, Tokenizer) else None
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-encode")
+        self._workers = ThreadPoolExecutor(max_workers=max(1, self.threads), thread_name_prefix="pack-bpe")
 
     @staticmethod
     def bucket_of(doc: Doc) -> str:
         return doc.bucket or doc.domain or "general"
 
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        if self._fast is not None:
-            # Texts shorter than the tokenizer's longest safe run cannot hold an over-long run
-            # (openai/tiktoken#195), so they skip Tokenizer.encode_batch's scan for one.
-            short = [i for i, t in enumerate(texts) if len(t) <= self._fast]
-            out: list[list[int]] = [[] for _ in texts]
-            encoded = self.tok._enc.encode_ordinary_batch([texts[i] for i in short], **self._thread_kw)
-            for i, ids in zip(short, encoded):
-                out[i] = ids
-            rest = [i for i, t in enumerate(texts) if len(t) > self._fast]
-            for i, ids in zip(rest, self.tok.encode_batch([texts[i] for i in rest], **self._thread_kw)):
-                out[i] = ids
-            return out
-        return self.tok.encode_batch(texts, **self._thread_kw)
+    def _encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text (no BOS/EOS) as uint32 arrays."""
+        if self._fast is None:
+            return [np.asarray(ids, dtype=np.uint32) for ids in self.tok.encode_batch(texts, **self._thread_kw)]
+        # Texts shorter than the tokenizer's longest safe run cannot hold an over-long run
+        # (openai/tiktoken#195), so they skip Tokenizer.encode_batch's scan for one. They go
+        # straight to tiktoken's BPE core, which releases the GIL and hands back a uint32
+        # buffer: no Python list of ints is built and converted again (an empty allowed
+        # set makes it encode special-token text as ordinary text, as encode_ordinary does).
+        bpe = self.tok._enc._core_bpe
+        out: list[np.ndarray] = [np.empty(0, np.uint32)] * len(texts)
+        short = [i for i, t in enumerate(texts) if len(t) <= self._fast]
+        buffers = self._workers.map(lambda t: bpe.encode_to_tiktoken_buffer(t, set()), [texts[i] for i in short],
+                                    chunksize=64)
+        for i, buffer in zip(short, buffers):
+            out[i] = np.frombuffer(buffer, dtype=np.uint32)
+        rest = [i for i, t in enumerate(texts) if len(t) > self._fast]
+        for i, ids in zip(rest, self.tok.encode_batch([texts[i] for i in rest], **self._thread_kw)):
+            out[i] = np.asarray(ids, dtype=np.uint32)
+        return out
 
     def process(self, docs: list[Doc]) -> None:
         """Tokenize ``docs`` in the background and spill the batch before it (tokenizing runs
@@ -138,17 +144,12 @@ class Pack(Stage):
             self._pending = None
             self._spill(docs, future.result())
 
-    def _spill(self, docs: list[Doc], encoded: list[list[int]]) -> None:
-        bos, eos = self.tok.bos_id, self.tok.eos_id
-        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 2
-        flat = np.empty(int(lengths.sum()), dtype=np.uint32)
-        ends = np.cumsum(lengths)
-        flat[ends - lengths] = bos
-        flat[ends - 1] = eos
-        inner = np.ones(flat.size, dtype=bool)
-        inner[ends - lengths] = False
-        inner[ends - 1] = False
-        flat[inner] = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.uint32, count=int(inner.sum()))
+    def _spill(self, docs: list[Doc], encoded: list[np.ndarray]) -> None:
+        bos = np.array([self.tok.bos_id], dtype=np.uint32)
+        eos = np.array([self.tok.eos_id], dtype=np.uint32)
+        lengths = np.fromiter((a.size for a in encoded), dtype=np.int64, count=len(encoded)) + 2
+        flat = np.concatenate([part for ids in encoded for part in (bos, ids, eos)]) if encoded else \
+            np.empty(0, np.uint32)
         buckets = [self.bucket_of(d) for d in docs]
         names = sorted(set(buckets))
         bucket_ids = np.array([names.index(b) for b in buckets], dtype=np.int64)
@@ -182,6 +183,7 @@ class Pack(Stage):
         self._flush()
         self._drain()
         self._encoder.shutdown()
+        self._workers.shutdown()
         self.stats.seconds += time.perf_counter() - t0
         for f, g in self._files.values():
             f.close()
