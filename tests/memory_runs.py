@@ -151,12 +151,13 @@ def measure_cases(cases: dict[str, tuple[ModelArgs, Case]]) -> dict[str, dict[st
 
 def measure_in_world(cases: dict[str, tuple[ModelArgs, Case]], world: int,
                      timeout: float = 600) -> dict[str, list[dict[str, Any]]]:
-    """Run ``(model, case)`` pairs of one world size on ``world`` fresh CPU ranks (one: this
-    process); per case, each rank's result."""
+    """Run ``(model, case)`` pairs of one world size on ``world`` fresh CPU ranks; per case,
+    each rank's result.
+
+    Fresh processes also for one rank: the tracker counts every tensor alive when the step
+    starts, and a long-lived process (a test session) holds other work's tensors too.
+    """
     from dist_harness import run_world
 
-    if world == 1:
-        per_rank = [measure_cases(cases)]
-    else:
-        per_rank = run_world(measure_cases, world, timeout=timeout, init_pg=False, cases=cases)
+    per_rank = run_world(measure_cases, world, timeout=timeout, init_pg=False, cases=cases)
     return {name: [rank[name] for rank in per_rank] for name in cases}

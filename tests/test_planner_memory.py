@@ -26,8 +26,8 @@ CASES = {**SINGLE, **TWO_RANKS}
 
 @pytest.fixture(scope="module")
 def measured() -> dict[str, list[dict]]:
-    # The one-process run goes on in a thread of this process while the 2-rank world starts
-    # up and runs: start-up is mostly one core's import work, so the two overlap well.
+    # The one-rank world starts while the 2-rank world starts up and runs: start-up is
+    # mostly one core's import work, so the two overlap well.
     with ThreadPoolExecutor(1) as pool:
         single = pool.submit(measure_in_world, {n: (ARGS, c) for n, c in SINGLE.items()}, 1)
         two = measure_in_world({n: (ARGS, c) for n, c in TWO_RANKS.items()}, 2)
