@@ -15,7 +15,8 @@ FSDP). FSDP2 allocates and frees its all-gather buffers with ``UntypedStorage.re
 which is no operator, so ``resize_`` is wrapped while the mode is active. Storages that
 exist before the step (parameters, optimizer state, the batch) never pass through an
 operator during it: on entry the garbage collector's view of live tensors is swept
-once so they count from the start.
+once so they count from the start. That sweep sees every tensor of the process, so
+measure in a process that holds nothing else (the tests and benches start fresh ones).
 
 Every storage is tagged with the phase that created it - ``state`` (alive before the
 step), ``forward``, ``backward`` (inside the autograd engine) or ``optimizer`` (between
