@@ -46,13 +46,11 @@ class Bench:
     needs_modules: tuple[str, ...] = ()
 
 
-# In run order. Missing scripts (the memory and compile benches are optional) are skipped.
+# In run order.
 KNOWN: tuple[Bench, ...] = (
     Bench("overhead", "overhead.py", ["--steps", "2", "--repeats", "1", "--warmup", "1"]),
     Bench("cpu_mfu", "cpu_mfu.py", ["--steps", "2"]),
     Bench("memory", "memory.py"),
-    Bench("fsdp_memory", "fsdp_memory.py"),
-    Bench("cp_memory", "cp_memory.py"),
     Bench("pipeline_bubble", "pipeline_bubble.py"),
     Bench("dataloader", "dataloader.py", ["--steps", "2"]),
     Bench("minhash", "minhash.py", ["--docs", "1500", "--dups", "500"], needs_demo_corpus=True,
@@ -63,11 +61,8 @@ KNOWN: tuple[Bench, ...] = (
 
 
 def discover() -> list[Bench]:
-    """The benches whose scripts exist; ``memory.py`` stands for the split memory benches."""
-    present = [b for b in KNOWN if (BENCH_DIR / b.script).is_file()]
-    if any(b.name == "memory" for b in present):
-        present = [b for b in present if b.name not in ("fsdp_memory", "cp_memory")]
-    return present
+    """The benches whose scripts exist."""
+    return [b for b in KNOWN if (BENCH_DIR / b.script).is_file()]
 
 
 def bench_argv(bench: Bench, json_path: Path, quick: bool) -> list[str]:
