@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipe.flops import flops_per_token  # noqa: E402
 from recipe.model import ModelArgs  # noqa: E402
-from recipe.module import LlamaLightningModule, OptimizerConfig  # noqa: E402
-from recipe.schedule import LRSchedule  # noqa: E402
+from recipe.module import LlamaLightningModule  # noqa: E402
+from recipe.config import OptimizerConfig  # noqa: E402
+from recipe.config import LRSchedule  # noqa: E402
 
 ARCH = ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=32768, multiple_of=256,
                  ffn_dim_multiplier=None, max_seq_len=512)

@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recipe.data.build import build_shards  # noqa: E402
 from recipe.data.stream import TokenStream  # noqa: E402
 from recipe.model import ModelArgs  # noqa: E402
-from recipe.module import LlamaLightningModule, OptimizerConfig  # noqa: E402
-from recipe.schedule import LRSchedule  # noqa: E402
+from recipe.module import LlamaLightningModule  # noqa: E402
+from recipe.config import OptimizerConfig  # noqa: E402
+from recipe.config import LRSchedule  # noqa: E402
 
 SEQ_LEN, BATCH, MICRO = 256, 8, 2
 MIX = {"a": 0.5, "b": 0.3, "c": 0.2}

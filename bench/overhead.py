@@ -29,8 +29,9 @@ from recipe.data.build import build_shards
 from recipe.data.datamodule import TokenDataModule
 from recipe.data.stream import TokenStream
 from recipe.model import ModelArgs, Transformer
-from recipe.module import LlamaLightningModule, OptimizerConfig
-from recipe.schedule import LRSchedule
+from recipe.module import LlamaLightningModule
+from recipe.config import OptimizerConfig
+from recipe.config import LRSchedule
 
 ARCH = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=64, ffn_dim_multiplier=None,
                  max_seq_len=1024)

@@ -175,12 +175,14 @@ def _fsync(path: Path) -> None:
 
 def safe_globals() -> list[Any]:
     """Classes a recipe checkpoint may hold besides tensors and plain containers."""
+    from recipe.config import LRSchedule, ModelArgs, OptimizerConfig, RopeScaling
     from recipe.guard import StepGuard
-    from recipe.model import ModelArgs, RopeScaling
-    from recipe.module import OptimizerConfig
-    from recipe.schedule import LRSchedule
 
-    return [ModelArgs, RopeScaling, OptimizerConfig, LRSchedule, StepGuard, deque]
+    # Checkpoints written before the config classes moved to recipe.config name them by
+    # their old modules: allow those names for the same classes.
+    renamed = [(ModelArgs, "recipe.model.ModelArgs"), (RopeScaling, "recipe.model.RopeScaling"),
+               (OptimizerConfig, "recipe.module.OptimizerConfig"), (LRSchedule, "recipe.schedule.LRSchedule")]
+    return [ModelArgs, RopeScaling, OptimizerConfig, LRSchedule, StepGuard, deque, *renamed]
 
 
 class UntrustedCheckpointError(RecipeError):

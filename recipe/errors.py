@@ -14,4 +14,8 @@ class ConfigError(RecipeError):
     """A configuration value that cannot work."""
 
 
+class ModelConfigError(ConfigError):
+    """A model configuration that cannot be built."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError,)

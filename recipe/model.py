@@ -12,77 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recipe.errors import RecipeError
-
-
-class ModelConfigError(RecipeError):
-    """A model configuration that cannot be built."""
-
-
-@dataclass
-class RopeScaling:
-    """Llama 3.1 long-context frequency scaling (Meta's ``apply_scaling``)."""
-
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_seq_len: int = 8192
-
-
-@dataclass
-class ModelArgs:
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int | None = 8
-    vocab_size: int = 128256
-    multiple_of: int = 1024
-    ffn_dim_multiplier: float | None = 1.3
-    norm_eps: float = 1e-5
-    rope_theta: float = 500000.0
-    rope_scaling: RopeScaling | None = None
-    max_seq_len: int = 8192
-    # Depth-scaled init of the output projections (wo, w2, w3), as in torchtitan; False
-    # uses one std for every layer.
-    depth_init: bool = True
-    init_std: float = 0.02
-
-    def __post_init__(self) -> None:
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ModelConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
-            raise ModelConfigError(
-                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; "
-                "pick n_heads that divides dim"
-            )
-        if self.n_heads % self.n_kv_heads:
-            raise ModelConfigError(
-                f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}; "
-                "GQA needs n_kv_heads to divide n_heads"
-            )
-        if self.head_dim % 2:
-            raise ModelConfigError(f"head dim {self.head_dim} (dim / n_heads) must be even for RoPE")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def ffn_hidden_dim(self) -> int:
-        """SwiGLU width: 2/3 of 4*dim, times the multiplier, rounded up to ``multiple_of``."""
-        hidden = int(2 * 4 * self.dim / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+from recipe.config import ModelArgs, RopeScaling
+from recipe.errors import ModelConfigError
 
 
 # ----------------------------------------------------------------------------- RoPE

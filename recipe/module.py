@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -22,23 +22,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
-from recipe.errors import ConfigError
+from recipe.config import LRSchedule, ModelArgs, OptimizerConfig, RopeScaling
+from recipe.errors import ConfigError, ModelConfigError
 from recipe.guard import StepGuard
-from recipe.model import ModelArgs, ModelConfigError, RopeScaling, Transformer, init_parameter
+from recipe.model import Transformer, init_parameter
 from recipe.parallel.clip import clip_grad_norm
 from recipe.parallel.fsdp import set_gradient_sync
-from recipe.schedule import LRSchedule
-
-
-@dataclass
-class OptimizerConfig:
-    """AdamW. ``lr`` is the peak LR that the schedule scales."""
-
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    fused: bool | None = None  # None: torch's default implementation (foreach)
 
 
 class LlamaLightningModule(L.LightningModule):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from recipe.errors import ConfigError
-from recipe.model import ModelConfigError
+from recipe.errors import ModelConfigError
 
 
 def layouts(trainer: Any, data: Any) -> list[tuple[int, int, str]]:

@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader
 
 from recipe.memory import LiveTensorMemory
 from recipe.model import ModelArgs
-from recipe.module import LlamaLightningModule, OptimizerConfig
+from recipe.module import LlamaLightningModule
+from recipe.config import OptimizerConfig
 from recipe.planner import Estimate, Layout, estimate
-from recipe.schedule import LRSchedule
+from recipe.config import LRSchedule
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ from recipe.data.datamodule import TokenDataModule
 from recipe.errors import ConfigError
 from recipe.model import ModelArgs, Transformer
 from recipe.parallel.strategy import Parallel4DStrategy
-from recipe.module import LlamaLightningModule, OptimizerConfig
-from recipe.schedule import LRSchedule
+from recipe.module import LlamaLightningModule
+from recipe.config import OptimizerConfig
+from recipe.config import LRSchedule
 from stdlib_corpus import stdlib_corpus
 
 ARCH = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, ffn_dim_multiplier=None, max_seq_len=64)

@@ -11,8 +11,9 @@ from recipe.data.datamodule import TokenDataModule
 from recipe.errors import ConfigError
 from recipe.guard import StepGuard, TrainingDivergedError
 from recipe.model import ModelArgs
-from recipe.module import LlamaLightningModule, OptimizerConfig
-from recipe.schedule import LRSchedule
+from recipe.module import LlamaLightningModule
+from recipe.config import OptimizerConfig
+from recipe.config import LRSchedule
 from stdlib_corpus import stdlib_shards
 
 ARCH = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, ffn_dim_multiplier=None, max_seq_len=32)

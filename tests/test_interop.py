@@ -25,8 +25,9 @@ from recipe.interop.export import export_hf
 from recipe.interop.generate import generate, load_model
 from recipe.interop.hf import to_hf_name, to_hf_tensor
 from recipe.model import ModelArgs, RopeScaling, Transformer
-from recipe.module import LlamaLightningModule, OptimizerConfig, load_full_weights
-from recipe.schedule import LRSchedule
+from recipe.module import LlamaLightningModule, load_full_weights
+from recipe.config import OptimizerConfig
+from recipe.config import LRSchedule
 from recipe.tokenizer import Tokenizer, default_tokenizer_path
 from stdlib_corpus import stdlib_corpus
 

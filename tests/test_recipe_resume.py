@@ -27,8 +27,9 @@ from dist_harness import run_world
 from recipe.data.build import build_shards
 from recipe.data.datamodule import TokenDataModule
 from recipe.model import ModelArgs
-from recipe.module import LlamaLightningModule, OptimizerConfig
-from recipe.schedule import LRSchedule
+from recipe.module import LlamaLightningModule
+from recipe.config import OptimizerConfig
+from recipe.config import LRSchedule
 from stdlib_corpus import DEFAULT_MODULES, stdlib_corpus
 
 ARCH = dict(dim=64, n_layers=4, n_heads=8, n_kv_heads=4, multiple_of=32, ffn_dim_multiplier=None, max_seq_len=128)

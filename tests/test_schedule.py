@@ -3,7 +3,7 @@
 import pytest
 
 from recipe.errors import ConfigError
-from recipe.schedule import LRSchedule
+from recipe.config import LRSchedule
 
 PEAK = 8e-5
 

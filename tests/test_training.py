@@ -11,7 +11,7 @@ import yaml
 
 from recipe.cli import main
 from recipe.module import LlamaLightningModule
-from recipe.schedule import LRSchedule
+from recipe.config import LRSchedule
 from cli_runs import read_scalars
 from stdlib_corpus import DEFAULT_MODULES, stdlib_shards
 

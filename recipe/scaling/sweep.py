@@ -128,8 +128,9 @@ def train_run(config: SweepConfig, spec: RunSpec) -> dict[str, Any]:
 
     from callbacks.data_mix import DataMixSchedule, MixStage
     from recipe.data.datamodule import TokenDataModule
-    from recipe.module import LlamaLightningModule, OptimizerConfig
-    from recipe.schedule import LRSchedule
+    from recipe.module import LlamaLightningModule
+    from recipe.config import OptimizerConfig
+    from recipe.config import LRSchedule
 
     start = time.perf_counter()
     folder = run_dir(config, spec)
