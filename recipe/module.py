@@ -1,4 +1,10 @@
-"""LightningModule: one ``training_step`` is one optimizer step over its micro-batches.
+"""LightningModule: the model, the optimizer and the loss; one ``training_step`` is one optimizer step.
+
+The module knows nothing of the parallel layout. The strategy's step path
+(``recipe.parallel.step``) cuts each batch for this rank, runs its micro-batches (or the
+pipeline schedule) through ``self.model`` and ``self.loss``, and returns the global loss
+and gradient norm. The run plan (``recipe.plan``) gives every step its shape from the
+data position where it starts: learning rate, annealing phase, RoPE settings.
 
 Manual optimization because the step owns its micro-batch loop: the batch-size ramp
 changes the number of micro-batches per step and a pipeline schedule runs forward and
@@ -9,25 +15,23 @@ micro-batch count or data-parallel split.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
 from recipe.config import LRSchedule, ModelArgs, OptimizerConfig, RopeScaling
 from recipe.errors import ConfigError, ModelConfigError
 from recipe.guard import StepGuard
 from recipe.model import Transformer, init_parameter
-from recipe.parallel.clip import clip_grad_norm
-from recipe.parallel.fsdp import set_gradient_sync
+from recipe.parallel.pipeline import cross_entropy_sum
+from recipe.parallel.step import StepPath, masked_targets, step_path_for
 
 
 class LlamaLightningModule(L.LightningModule):
@@ -72,27 +76,31 @@ class LlamaLightningModule(L.LightningModule):
         self.guard = guard or StepGuard()
         self.automatic_optimization = False
         self.model: Transformer | None = None
-        self.pipeline = None  # a PipelineRunner when the strategy splits the model into stages
-        self.tokens_seen = 0
-        # Knob for recipe callbacks: (tokens_seen, scheduled lr) -> lr of the coming step.
-        self.lr_override = None
-        self.phase = 0  # 0 main training, 1 annealing (set by the annealing callback)
-        self.live_rope: tuple[float, RopeScaling | None] | None = None  # set when a context stage changes RoPE
+        self.run_plan = None  # recipe.plan.RunPlan, built in setup() when training on the recipe's data
+        self.tokens_seen = 0  # global data position after the last step
+        self.live_rope: tuple[float, RopeScaling | None] | None = None  # set when the plan changes RoPE
+        self._step_path: tuple[Any, StepPath] | None = None
         self._val_sum = torch.zeros(())
         self._val_count = torch.zeros(())
 
     # ------------------------------------------------------------------ model and optimizer
 
+    @property
+    def step_path(self) -> StepPath:
+        """How a step runs under the trainer's strategy (one process without a trainer)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if self._step_path is None or self._step_path[0] is not strategy:
+            self._step_path = (strategy, step_path_for(strategy, self.device))
+        return self._step_path[1]
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        path = self.step_path
         with torch.device("meta"):
             model = Transformer(self.arch)
-        model = self.parallelize(model)
-        parallel = self._parallel()
-        # Under PP `model` is a container of this rank's stages, which own the buffers.
-        parts = [stage for _, stage in parallel.pipeline_stages] if parallel and parallel.pipeline_stages else [model]
-        for part in parts:
+        model = path.parallelize(model)
+        for part in path.model_parts(model):
             part.to_empty(device=self.device)
             part.init_buffers(self.device)
         if self.init_mode == "replicable":
@@ -106,12 +114,7 @@ class LlamaLightningModule(L.LightningModule):
         if self.init_weights_path is not None:
             load_full_weights(model, self.init_weights_path)
         self.model = model
-        self.pipeline = parallel.pipeline_runner() if parallel is not None else None
-
-    def parallelize(self, model: Transformer) -> torch.nn.Module:
-        """Apply the strategy's parallelisms to the meta-device model (identity on one device)."""
-        apply = getattr(self.trainer.strategy, "parallelize_model", None) if self._trainer else None
-        return apply(model) if apply is not None else model
+        path.attach(model, self.loss)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         cfg = self.optim_config
@@ -120,25 +123,40 @@ class LlamaLightningModule(L.LightningModule):
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=cfg.fused)
 
-    # ------------------------------------------------------------------ checks
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of one micro-batch: the sum of its token cross-entropies (fp32; -100 unscored)."""
+        return cross_entropy_sum(logits, targets)
+
+    def micro_batch_loss(self, tokens: torch.Tensor, doc_ids: torch.Tensor, normalizer: float,
+                         loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``loss / normalizer`` of rows ``[micro_batch, seq_len + 1]`` through the whole model.
+
+        The one-process form of a micro-batch, for scripts and benchmarks; under a
+        parallel layout the step path cuts the rows for each rank instead.
+        """
+        logits = self.model(tokens[:, :-1], doc_ids=doc_ids[:, :-1])
+        return self.loss(logits, masked_targets(tokens[:, 1:], loss_mask)) / normalizer
+
+    # ------------------------------------------------------------------ checks and plan
+
+    def setup(self, stage: str) -> None:
+        data = self.trainer.datamodule
+        if self.run_plan is None and hasattr(data, "micro_batch_size") and hasattr(data, "seq_len"):
+            try:  # TEMPORARY until recipe.plan lands
+                from recipe.plan import build_run_plan
+            except ImportError:
+                return
+
+            self.run_plan = build_run_plan(self.trainer, self, data)
+            # The batch-layout rule of this layout, once for every shape the run can take.
+            self.run_plan.check_layout(lambda batch, seq_len: self.step_path.check_batch(
+                batch, seq_len, data.micro_batch_size))
 
     def on_fit_start(self) -> None:
         self._check_data_matches_model()
-        dm = self.trainer.datamodule
-        if getattr(dm, "batch_schedule", None) is None and hasattr(dm, "global_batch_size"):
-            self.check_batch_layout(dm.global_batch_size, dm.seq_len)
 
     def on_validation_start(self) -> None:
         self._check_data_matches_model()
-        dm = self.trainer.datamodule
-        if hasattr(dm, "val_batch_size"):
-            self.check_batch_layout(dm.val_batch_size, dm.seq_len)
-
-    def check_batch_layout(self, batch_size: int, seq_len: int) -> None:
-        """One-line error when the parallel layout cannot cut such a batch (before any step)."""
-        dm, parallel = self.trainer.datamodule, self._parallel()
-        if parallel is not None:
-            parallel.validate_batch_layout(seq_len, batch_size, dm.micro_batch_size)
 
     def _check_data_matches_model(self) -> None:
         dm = self.trainer.datamodule
@@ -157,145 +175,59 @@ class LlamaLightningModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
 
-    def _parallel(self):
-        """The 4D strategy when training under one, else None (single process, plain DDP)."""
-        from recipe.parallel.strategy import Parallel4DStrategy
-
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        return strategy if isinstance(strategy, Parallel4DStrategy) else None
-
-    def _sum_over_data(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over every rank holding different tokens (data-parallel and context-parallel)."""
-        parallel = self._parallel()
-        if parallel is not None:
-            return parallel.reduce_over(tensor, "dp_cp")
-        if self._trainer is not None:
-            return self.trainer.strategy.reduce(tensor, reduce_op="sum")
-        return tensor
-
-    def _cp_size(self) -> int:
-        parallel = self._parallel()
-        return parallel.dims.cp if parallel is not None else 1
-
-    def _loss_context(self) -> contextlib.AbstractContextManager:
-        parallel = self._parallel()
-        if parallel is not None and parallel.dims.tp > 1 and parallel.loss_parallel:
-            from torch.distributed.tensor.parallel import loss_parallel
-
-            return loss_parallel()
-        return contextlib.nullcontext()
-
-    def _pp_group(self):
-        parallel = self._parallel()
-        return parallel.device_mesh["pp"].get_group() if parallel is not None and parallel.dims.pp > 1 else None
-
-    def _sum_over_pipeline(self, tensor: torch.Tensor) -> torch.Tensor:
-        parallel = self._parallel()
-        return parallel.reduce_over(tensor, "pp") if parallel is not None and parallel.dims.pp > 1 else tensor
-
-    def pipeline_pass(self, tokens: torch.Tensor, doc_ids: torch.Tensor, normalizer: float,
-                      train: bool, loss_mask: torch.Tensor | None = None) -> torch.Tensor | None:
-        """All micro-batches of a step through the pipeline schedule; the loss on the last stage.
-
-        tokens, doc_ids: ``[n_micro, micro_batch, seq_len + 1]``. Under context parallelism
-        the rows are cut into this rank's sequence shard first, and every stage gets the
-        shard's positions and mask instead of the document ids. ``loss_mask``
-        (``[n_micro, micro_batch, seq_len]``, evaluation only) picks the targets scored.
-        """
-        parallel = self._parallel()
-        n_micro = tokens.shape[0]
-        rows, docs = tokens.flatten(0, 1), doc_ids.flatten(0, 1)
-        targets = _masked_targets(rows[:, 1:], None if loss_mask is None else loss_mask.flatten(0, 1))
-        run = self.pipeline.step_local if train else self.pipeline.evaluate_local
-        if parallel.dims.cp == 1:
-            # Explicit positions: a later stage sees only hidden states, sequence-sharded
-            # under tensor parallelism, so it cannot infer the sequence length.
-            positions = torch.arange(rows.shape[1] - 1, device=rows.device).expand(rows.shape[0], -1)
-            return run(rows[:, :-1], targets, n_micro, normalizer, positions=positions, doc_ids=docs[:, :-1])
-        from recipe.parallel.context import shard_for_context_parallel
-
-        local = shard_for_context_parallel(rows[:, :-1], targets, docs[:, :-1], parallel.device_mesh["cp"])
-        positions = local["positions"].expand(rows.shape[0], -1)
-        return run(local["tokens"], local["targets"], n_micro, normalizer, positions=positions, mask=local["mask"])
-
-    def micro_batch_loss(self, tokens: torch.Tensor, doc_ids: torch.Tensor, normalizer: float,
-                         loss_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Sum of next-token cross-entropies of one micro-batch, divided by ``normalizer``.
-
-        Under context parallelism this rank computes its share of the sequence only; the
-        shares' gradients are summed by FSDP's reduce-scatter over dp_shard x cp.
-        ``loss_mask`` (``[micro_batch, seq_len]``) restricts the sum to the targets it marks.
-        """
-        inputs, targets, docs = tokens[:, :-1], _masked_targets(tokens[:, 1:], loss_mask), doc_ids[:, :-1]
-        parallel = self._parallel()
-        if parallel is not None and parallel.dims.cp > 1:
-            from recipe.parallel.context import shard_for_context_parallel
-
-            local = shard_for_context_parallel(inputs, targets, docs, parallel.device_mesh["cp"])
-            logits = self.model(local["tokens"], positions=local["positions"], mask=local["mask"])
-            targets = local["targets"]
-        else:
-            logits = self.model(inputs, docs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
-        return loss / normalizer
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         start = time.perf_counter()
+        position = int(batch.get("position", self.tokens_seen))
+        shape = self.run_plan.at(position) if self.run_plan is not None else None
+        if shape is not None:
+            lr = shape.lr
+            self.set_rope(shape.rope_theta, shape.rope_scaling)
+        else:
+            lr = self.lr_schedule.lr_at(self.trainer.global_step, self.optim_config.lr)
         optimizer = self.optimizers()
-        tokens, doc_ids = batch["tokens"], batch["doc_ids"]  # [n_micro, micro_batch, seq_len + 1]
-        # Context-parallel ranks hold the same rows and score 1/cp of their tokens each.
-        local_targets = tokens[..., 1:].numel() / self._cp_size()
-        global_targets = int(self._sum_over_data(torch.tensor(local_targets)).item())
-        lr = self.lr_schedule.lr_at(self.trainer.global_step, self.optim_config.lr)
-        if self.lr_override is not None:  # set by a recipe phase (annealing) for this step
-            lr = self.lr_override(self.tokens_seen, lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        n_micro = tokens.shape[0]
-        loss_sum = torch.zeros((), device=self.device)
-        with self._loss_context():
-            if self.pipeline is not None:
-                # The schedule runs every micro-batch's forward and backward (and defers the
-                # gradient reduce-scatter to the last one itself).
-                loss = self.pipeline_pass(tokens, doc_ids, global_targets, train=True)
-                if loss is not None:
-                    loss_sum += as_local(loss.detach())
-            else:
-                every = bool(getattr(self._parallel(), "reduce_every_micro_batch", False))
-                for micro in range(n_micro):
-                    # Reduce-scatter gradients once per step, on the last micro-batch (or
-                    # after each one, trading traffic for sharded gradients).
-                    set_gradient_sync(list(self.model.modules()), every or micro == n_micro - 1)
-                    loss = self.micro_batch_loss(tokens[micro], doc_ids[micro], global_targets)
-                    self.manual_backward(loss)
-                    loss_sum += as_local(loss.detach())
-
-        grad_norm = clip_grad_norm(self.parameters(), self.grad_clip, pp_group=self._pp_group())
-        # Only the last pipeline stage holds a loss (the others add zero).
-        loss = self._sum_over_pipeline(self._sum_over_data(loss_sum))
-        # Loss and norm are global, so every rank reaches the same verdict.
-        skip, reason = self.guard.check(float(loss), float(grad_norm), f"at {self.tokens_seen:,} tokens")
+        loss = self.step_path.train(self, batch)
+        grad_norm = self.step_path.clip_grad_norm(self.parameters(), self.grad_clip)
+        # The step's one host synchronisation: the guard's verdict. Loss and norm are
+        # global, so every rank reaches the same one.
+        loss_value, norm_value = torch.stack([loss.float(), grad_norm.float()]).tolist()
+        skip, reason = self.guard.check(loss_value, norm_value, f"at token {position:,}")
         if skip:
-            rank_zero_warn(f"skipped the step at {self.tokens_seen:,} tokens: {reason}")
+            rank_zero_warn(f"skipped the step at token {position:,}: {reason}")
         else:
             optimizer.step()
-            self.tokens_seen += global_targets
         optimizer.zero_grad(set_to_none=True)
+        tokens = batch["tokens"]
+        batch_tokens = self.step_path.global_targets(tokens)
+        # One clock: the data position. A skipped step consumed its batch like any other.
+        self.tokens_seen = int(batch["next_position"]) if "next_position" in batch else position + batch_tokens
 
-        seq_len = tokens.shape[-1] - 1
-        self.log("train/loss", loss, prog_bar=True, rank_zero_only=True)
+        self.log("train/loss", loss_value, prog_bar=True, rank_zero_only=True)
         self.log("train/lr", lr, rank_zero_only=True)
-        self.log("train/phase", float(self.phase), rank_zero_only=True)
-        self.log("train/grad_norm", grad_norm, rank_zero_only=True)
+        self.log("train/grad_norm", norm_value, rank_zero_only=True)
         self.log("train/tokens_seen", float(self.tokens_seen), rank_zero_only=True)
-        self.log("train/batch_tokens", float(global_targets), rank_zero_only=True)
-        self.log("train/seq_len", float(seq_len), rank_zero_only=True)
+        self.log("train/batch_tokens", float(batch_tokens), rank_zero_only=True)
+        self.log("train/seq_len", float(tokens.shape[-1] - 1), rank_zero_only=True)
+        if shape is not None:
+            self.log("train/phase", float(shape.phase), rank_zero_only=True)
+            self.log("train/context_stage", float(shape.context_stage), rank_zero_only=True)
         self.log("train/step_time", time.perf_counter() - start, rank_zero_only=True)
         self.log("train/skipped_steps", float(self.guard.skipped_steps), rank_zero_only=True)
         if self.guard.spike_factor is not None:
             self.log("train/loss_spikes", float(self.guard.spikes), rank_zero_only=True)
         return loss
+
+    def set_rope(self, rope_theta: float, rope_scaling: RopeScaling | None) -> None:
+        """Switch the RoPE base and scaling of the live model (rebuilds the tables only on a change)."""
+        current = self.live_rope or (self.arch.rope_theta, self.arch.rope_scaling)
+        if (rope_theta, rope_scaling) == current:
+            return
+        for part in self.step_path.model_parts(self.model):
+            part.args = replace(part.args, rope_theta=rope_theta, rope_scaling=rope_scaling)
+            part.init_buffers(self.device)
+        self.live_rope = (rope_theta, rope_scaling)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -304,30 +236,23 @@ class LlamaLightningModule(L.LightningModule):
         self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, count = self._eval_sums(batch)
+        loss_sum, count = self.step_path.eval_sums(self, batch)
         self._val_sum += loss_sum
         self._val_count += count
 
-    def _eval_sums(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (sum of scored token CE, number of scored targets) over a step batch.
+    def on_validation_epoch_end(self) -> None:
+        name = "test/loss" if self.trainer.testing else "val/loss"
+        loss = self.step_path.mean_loss(self._val_sum, self._val_count)
+        self.log(name, loss.float(), prog_bar=True, rank_zero_only=True)
 
-        The sums still need reducing over data (and pipeline, for the loss) ranks. An
-        optional ``loss_mask`` entry ``[n_micro, micro_batch, seq_len]`` picks the targets.
-        """
-        tokens, doc_ids, mask = batch["tokens"], batch["doc_ids"], batch.get("loss_mask")
-        scored = tokens[..., 1:].numel() if mask is None else int(mask.sum())
-        count = torch.tensor(scored / self._cp_size(), device=self.device, dtype=torch.float64)
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        with self._loss_context():
-            if self.pipeline is not None:
-                loss = self.pipeline_pass(tokens, doc_ids, 1.0, train=False, loss_mask=mask)
-                if loss is not None:
-                    loss_sum += as_local(loss).double()
-                return loss_sum, count
-            for micro in range(tokens.shape[0]):
-                micro_mask = None if mask is None else mask[micro]
-                loss_sum += as_local(self.micro_batch_loss(tokens[micro], doc_ids[micro], 1.0, micro_mask)).double()
-        return loss_sum, count
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
 
     @torch.no_grad()
     def evaluate_loss(self, batches: Iterable[dict[str, torch.Tensor]]) -> float:
@@ -343,43 +268,19 @@ class LlamaLightningModule(L.LightningModule):
             count = torch.zeros((), device=self.device, dtype=torch.float64)
             for batch in batches:
                 batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                loss_sum, scored = self._eval_sums(batch)
+                loss_sum, scored = self.step_path.eval_sums(self, batch)
                 total += loss_sum
                 count += scored
-            total = self._sum_over_pipeline(self._sum_over_data(total))
-            count = self._sum_over_data(count)
-            return float(total / count.clamp(min=1))
+            return float(self.step_path.mean_loss(total, count))
         finally:
             self.model.train(was_training)
-
-    def set_rope(self, rope_theta: float, rope_scaling: RopeScaling | None) -> None:
-        """Switch the RoPE base and scaling of the live model (a context-length stage may)."""
-        parallel = self._parallel()
-        parts = [stage for _, stage in parallel.pipeline_stages] if parallel and parallel.pipeline_stages else [self.model]
-        for part in parts:
-            part.args = replace(part.args, rope_theta=rope_theta, rope_scaling=rope_scaling)
-            part.init_buffers(self.device)
-        self.live_rope = (rope_theta, rope_scaling)
-
-    def on_validation_epoch_end(self) -> None:
-        total = self._sum_over_pipeline(self._sum_over_data(self._val_sum))
-        count = self._sum_over_data(self._val_count)
-        name = "test/loss" if self.trainer.testing else "val/loss"
-        self.log(name, (total / count.clamp(min=1)).float(), prog_bar=True, rank_zero_only=True)
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
 
     # ------------------------------------------------------------------ state
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        if self.run_plan is not None:
+            checkpoint["run_plan"] = self.run_plan.state_dict()
         hparams = checkpoint.get("hyper_parameters")
         if self.live_rope is not None and isinstance(hparams, dict) and hparams.get("arch") is not None:
             # The weights were last trained with this RoPE (a context stage changed it): record
@@ -395,19 +296,9 @@ class LlamaLightningModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+        if self.run_plan is not None and "run_plan" in checkpoint:
+            self.run_plan.load_state_dict(checkpoint["run_plan"])
         self.guard.load_state_dict(checkpoint.get("step_guard", {}))
-
-
-def _masked_targets(targets: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
-    """Targets with the unscored ones set to cross-entropy's ignore index."""
-    return targets if loss_mask is None else targets.masked_fill(~loss_mask.bool(), -100)
-
-
-def as_local(value: torch.Tensor) -> torch.Tensor:
-    """A replicated DTensor (the loss under loss_parallel) as a plain tensor."""
-    from torch.distributed.tensor import DTensor
-
-    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def _parameter_seed(seed: int, name: str) -> int:

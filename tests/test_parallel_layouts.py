@@ -33,6 +33,8 @@ RAMP = [RampStage(0, 128, 16), RampStage(256, 256, 32)]
 # expensive part, so each world size starts once).
 LAYOUTS = {
     2: {
+        # Lightning's own DDP (what `--trainer.devices 2` picks): gradients summed, not averaged twice.
+        "lightning_ddp": dict(strategy="ddp"),
         "dp2": dict(dp_replicate=2, dp_shard=1),
         "fsdp2": dict(dp_shard=2),
         "fsdp2_activation_checkpointing": dict(dp_shard=2, activation_checkpointing="full"),
@@ -123,8 +125,9 @@ def _fit_layouts(data_dir: str, layouts: dict, resume: dict | None = None) -> di
     for name, layout in layouts.items():
         layout = dict(layout)
         ramp = layout.pop("ramp", False)
+        strategy = layout.pop("strategy", None) or Parallel4DStrategy(**layout)
         module = make_module()
-        recorder = fit(module, Path(data_dir), strategy=Parallel4DStrategy(**layout), devices=world, ramp=ramp)
+        recorder = fit(module, Path(data_dir), strategy=strategy, devices=world, ramp=ramp)
         results[name] = summary(module, recorder)
     if resume is not None:
         ckpt_dir = Path(resume["ckpt_dir"])

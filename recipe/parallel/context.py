@@ -43,11 +43,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from recipe.errors import RecipeError
+from recipe.parallel import collectives
 from recipe.model import Attention, document_causal_mask
 
 CpGroup = DeviceMesh | dist.ProcessGroup | None
@@ -170,10 +170,8 @@ def unshard_sequence(local: torch.Tensor, cp: CpGroup, seq_dim: int = 1) -> torc
     size, _ = cp_size_and_rank(cp)
     if size == 1:
         return local
-    parts = [torch.empty_like(local) for _ in range(size)]
-    dist.all_gather(parts, local.contiguous(), group=resolve_cp_group(cp))
-    gathered = torch.cat(parts, dim=seq_dim)
-    order = gathered_positions(gathered.shape[seq_dim], size).to(local.device)
+    gathered = torch.cat(collectives.all_gather(local, resolve_cp_group(cp)), dim=seq_dim)
+    order = gathered_positions(gathered.shape[seq_dim], size).to(gathered.device)
     # gathered[..., j, ...] holds global position order[j]: scatter it back into place.
     out = torch.empty_like(gathered)
     out.index_copy_(seq_dim, order, gathered)
@@ -190,7 +188,7 @@ def all_gather_sequence(x: torch.Tensor, group: dist.ProcessGroup | str) -> torc
     gradient that every rank's queries sent to its keys and values. (Its first call
     imports torch._dynamo, a few seconds once per process.)
     """
-    return funcol.all_gather_single_autograd(x.contiguous(), 2, group)
+    return collectives.all_gather_autograd(x, 2, group)
 
 
 class ContextParallelAttention(Attention):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +44,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from recipe.errors import RecipeError
+from recipe.parallel import collectives
 
 
 class PipelineError(RecipeError):
@@ -184,10 +185,14 @@ def build_stage_modules(model: nn.Module, pp_rank: int, pp_size: int, stages_per
 # ----------------------------------------------------------------------------- loss
 
 
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the token cross-entropies in fp32 (labels of -100 are not scored)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+
+
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: float | torch.Tensor) -> torch.Tensor:
     """``sum(token cross-entropy) / normalizer`` in fp32 (the module's per-micro-batch loss)."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
-    return ce / normalizer
+    return cross_entropy_sum(logits, labels) / normalizer
 
 
 def _as_group(pp_group: dist.ProcessGroup | DeviceMesh) -> dist.ProcessGroup:
@@ -199,32 +204,23 @@ def _as_group(pp_group: dist.ProcessGroup | DeviceMesh) -> dist.ProcessGroup:
 
 
 def broadcast_loss(loss: torch.Tensor | None, pp_group: dist.ProcessGroup | DeviceMesh,
-                   src_group_rank: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+                   src_group_rank: int | None = None) -> torch.Tensor:
     """The last stage's loss on every pipeline rank (rank 0 logs, the last stage knows it).
 
     ``src_group_rank``: the pipeline rank that holds the loss (default: the last one, which
-    owns the last stage in the looped layout). Ranks without it pass ``None``.
+    owns the last stage in the looped layout). Ranks without it pass ``None``. The result
+    lies on the group's device.
     """
     group = _as_group(pp_group)
     if src_group_rank is None:
-        src_group_rank = dist.get_world_size(group) - 1
-    if dist.get_rank(group) == src_group_rank:
+        src_group_rank = collectives.group_size(group) - 1
+    if collectives.group_rank(group) == src_group_rank:
         if loss is None:
             raise PipelineError(f"pipeline rank {src_group_rank} should hold the loss but passed None")
-        buf = loss.detach().float().reshape(()).clone()
+        buf = loss.detach().float().reshape(())
     else:
-        if device is None:
-            device = loss.device if loss is not None else _default_device(group)
-        buf = torch.zeros((), dtype=torch.float32, device=device)
-    dist.broadcast(buf, group=group, group_src=src_group_rank)
-    return buf
-
-
-def _default_device(group: dist.ProcessGroup) -> torch.device:
-    """Where collectives of ``group`` expect tensors: the current GPU for NCCL, else CPU."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+        buf = torch.zeros((), dtype=torch.float32)
+    return collectives.broadcast(buf, group, group_src=src_group_rank)
 
 
 # ----------------------------------------------------------------------------- runner
@@ -267,7 +263,8 @@ class PipelineRunner:
 
     def __init__(self, stages: Sequence[tuple[int, nn.Module]], pp_group: dist.ProcessGroup | DeviceMesh,
                  schedule: str = "1F1B", n_microbatches: int | None = None,
-                 device: torch.device | str | None = None, max_cached: int = 4) -> None:
+                 device: torch.device | str | None = None, max_cached: int = 4,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         if not stages:
             raise PipelineError("a pipeline rank needs at least one stage")
         self.group = _as_group(pp_group)
@@ -290,6 +287,8 @@ class PipelineRunner:
         self._train: OrderedDict[tuple, _PipelineSchedule] = OrderedDict()
         self._eval: OrderedDict[tuple, _PipelineSchedule] = OrderedDict()
         self._normalizer: float | torch.Tensor = 1.0
+        # Sum of the token losses of one micro-batch (the LightningModule's loss).
+        self.loss_fn = loss_fn or cross_entropy_sum
 
     # -- who holds what
 
@@ -328,7 +327,7 @@ class PipelineRunner:
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # A bound method reading the current normalizer: cached schedules keep the function,
         # while the global token count changes every step.
-        return next_token_loss(logits, labels, self._normalizer)
+        return self.loss_fn(logits, labels) / self._normalizer
 
     def _build(self, n_microbatches: int, train: bool) -> _PipelineSchedule:
         # Fresh PipelineStage wrappers per schedule: a stage's receive buffers and chunk count
@@ -434,7 +433,7 @@ class PipelineRunner:
         batch = _Batch(inputs=inputs.to(self.device).contiguous(), labels=labels.to(self.device).contiguous(),
                        stage_kwargs=kwargs, n_microbatches=n_microbatches)
         logits = self._run(self._schedule(batch.key, train=False), batch, train=False)
-        return next_token_loss(logits, batch.labels, normalizer) if logits is not None else None
+        return self.loss_fn(logits, batch.labels) / normalizer if logits is not None else None
 
     @torch.no_grad()
     def evaluate(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None, normalizer: float | torch.Tensor = 1.0,
@@ -446,7 +445,7 @@ class PipelineRunner:
         """
         batch = self._prepare(tokens, doc_ids, n_microbatches)
         logits = self._run(self._schedule(batch.key, train=False), batch, train=False)
-        return next_token_loss(logits, batch.labels, normalizer) if logits is not None else None
+        return self.loss_fn(logits, batch.labels) / normalizer if logits is not None else None
 
 
 class StageUnion(nn.Module):
@@ -460,6 +459,7 @@ class StageUnion(nn.Module):
     def __init__(self, stages: Sequence[tuple[int, nn.Module]]) -> None:
         super().__init__()
         modules = [m for _, m in stages]
+        self.stages = list(stages)  # (stage index, module): what the pipeline schedule runs
         self.args = modules[0].args
         self.layers = nn.ModuleDict()
         for module in modules:

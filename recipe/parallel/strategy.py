@@ -9,9 +9,11 @@ In YAML::
         class_path: recipe.parallel.strategy.Parallel4DStrategy
         init_args: {pp: 1, dp_replicate: 1, dp_shard: -1, cp: 2, tp: 2}
 
-The LightningModule asks the strategy for the views it needs: ``parallelize_model`` (TP,
-CP, FSDP in that order), ``data_parallel_rank/size`` for the token stream, and
-``reduce_over`` for sums over one mesh axis (token counts, losses).
+The strategy owns the layout: ``parallelize_model`` applies TP, CP, activation
+checkpointing, compile and FSDP (torchtitan's order), ``data_parallel_rank/size`` tell
+the token stream which share of a batch this rank reads, and ``step_path`` returns the
+object that runs a training step's micro-batches (or pipeline schedule) and reduces its
+loss and gradient norm - the LightningModule only defines the model and the loss.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
@@ -30,7 +31,9 @@ from torch.optim import Optimizer
 
 from recipe.errors import ConfigError
 from recipe.model import Transformer
+from recipe.parallel import collectives
 from recipe.parallel.mesh import ParallelDims
+from recipe.parallel.step import StepPath
 
 ScheduleName = Literal["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble"]
 
@@ -108,9 +111,6 @@ class Parallel4DStrategy(ModelParallelStrategy):
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
 
-    def mesh_axis(self, name: str) -> DeviceMesh:
-        return self.device_mesh[name]
-
     @property
     def data_parallel_rank(self) -> int:
         return self.device_mesh["dp"].get_local_rank()
@@ -123,22 +123,21 @@ class Parallel4DStrategy(ModelParallelStrategy):
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         return {"num_replicas": self.data_parallel_size, "rank": self.data_parallel_rank}
 
-    def axis_size(self, name: str) -> int:
-        return self.device_mesh[name].size()
+    def step_path(self) -> StepPath:
+        """How a training step runs under this layout (see ``recipe.parallel.step``).
 
-    def reduce_over(self, tensor: torch.Tensor, axis: str, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-        """All-reduce ``tensor`` over one mesh axis (or flattened view); a copy is returned."""
-        out = tensor.clone()
-        if self.axis_size(axis) > 1:
-            dist.all_reduce(out, op=op, group=self.device_mesh[axis].get_group())
-        return out
-
-    def validate_batch_layout(self, seq_len: int, batch_size: int, micro_batch_size: int) -> None:
-        """One-line errors for a batch the layout cannot cut, before any step runs."""
+        Every group is handed over even when its size is 1, so a one-GPU run reaches every
+        collective that a multi-GPU run does.
+        """
         assert self.dims is not None
-        self.dims.validate_batch(seq_len, batch_size, micro_batch_size)
-        n_micro = batch_size // self.dims.dp // micro_batch_size
-        self.dims.validate_pipeline(n_micro, self.pp_schedule, self.pp_stages_per_rank)
+        mesh = self.device_mesh
+        return StepPath(
+            self.dims, self.root_device, data_group=mesh["dp_cp"], pp_group=mesh["pp"],
+            cp_group=mesh["cp"] if self.dims.cp > 1 else None,
+            loss_parallel=self.loss_parallel and self.dims.tp > 1,
+            reduce_every_micro_batch=self.reduce_every_micro_batch, pp_schedule=self.pp_schedule,
+            pp_stages_per_rank=self.pp_stages_per_rank, parallelize=self.parallelize_model,
+        )
 
     # ------------------------------------------------------------------ model
 
@@ -185,15 +184,6 @@ class Parallel4DStrategy(ModelParallelStrategy):
         if self.dims.dp_replicate * self.dims.dp_shard * self.dims.cp > 1 or self.param_precision != "fp32":
             apply_fsdp(model, dp_mesh, precision=self.param_precision, reshard_after_forward=self.dims.pp == 1)
 
-    def pipeline_runner(self):
-        """The schedule runner over this rank's (materialised) stages; None without PP."""
-        from recipe.parallel.pipeline import PipelineRunner
-
-        if not self.pipeline_stages:
-            return None
-        return PipelineRunner(self.pipeline_stages, self.device_mesh["pp"], schedule=self.pp_schedule,
-                              device=self.root_device)
-
     # ------------------------------------------------------------------ checkpoints
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
@@ -223,28 +213,27 @@ class Parallel4DStrategy(ModelParallelStrategy):
 
         from recipe.checkpointing import DIR_MANIFEST, PARTIAL, file_entry, publish_dir, write_manifest
 
-        path = Path(self.broadcast(str(filepath)))
+        path = Path(collectives.broadcast_object(str(filepath)))
         tmp = path.with_name(path.name + PARTIAL)
         if self.global_rank == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)  # the leftover of a save that crashed
             tmp.mkdir(parents=True)
-        self.barrier()
+        collectives.barrier()
         state = {"state_dict": checkpoint.pop("state_dict")}
         state.update({f"optimizer_{i}": o for i, o in enumerate(checkpoint.pop("optimizer_states", []))})
         dcp.save(state, checkpoint_id=tmp)
         if self.global_rank == 0:
             torch.save(checkpoint, tmp / "meta.pt")
-        self.barrier()
+        collectives.barrier()
         names = sorted(p.name for p in tmp.iterdir())
         mine = {name: file_entry(tmp / name) for name in names[self.global_rank::self.world_size]}
-        shares: list[dict[str, Any]] = [{} for _ in range(self.world_size)]
-        dist.all_gather_object(shares, mine)
+        shares: list[dict[str, Any]] = collectives.all_gather_object(mine)
         if self.global_rank == 0:
             files = {name: entry for share in shares for name, entry in share.items()}
             write_manifest(tmp / DIR_MANIFEST, files, checkpoint.get("global_step"))
             publish_dir(tmp, path)
-        self.barrier()
+        collectives.barrier()
 
     def remove_checkpoint(self, filepath: str | Path) -> None:
         if self.global_rank == 0:
@@ -260,8 +249,7 @@ class Parallel4DStrategy(ModelParallelStrategy):
             names = manifest_files(candidate)
             found = problems(candidate, names[self.global_rank::self.world_size]) if names else \
                 problems(candidate, [])
-            everyone: list[list[str]] = [[] for _ in range(self.world_size)]
-            dist.all_gather_object(everyone, found)
+            everyone: list[list[str]] = collectives.all_gather_object(found)
             return [fault for faults in everyone for fault in faults]
 
         return resolve_intact(path, check)
@@ -277,7 +265,7 @@ class Parallel4DStrategy(ModelParallelStrategy):
             set_optimizer_state_dict,
         )
 
-        path = self._intact_checkpoint(Path(self.broadcast(str(checkpoint_path))))
+        path = self._intact_checkpoint(Path(collectives.broadcast_object(str(checkpoint_path))))
         self.loaded_checkpoint_path = path  # the one actually read, after any fallback
         if not (path / "meta.pt").is_file():
             raise ConfigError(
