@@ -127,10 +127,10 @@ class TokenThroughput(L.Callback):
 
     @staticmethod
     def _measure(trainer: L.Trainer) -> float:
-        strategy = trainer.strategy
-        strategy.barrier("throughput_peak")  # all ranks at once: ranks sharing a CPU share it
-        value = measured_peak_flops()
-        return float(strategy.broadcast(value, src=0))
+        from recipe.parallel import collectives
+
+        collectives.barrier()  # all ranks at once: ranks sharing a CPU share it
+        return float(collectives.broadcast_object(measured_peak_flops(), src=0))
 
 
 def _as_peak(value: float | str | None) -> float | None:

@@ -155,7 +155,8 @@ def _record_callers() -> list[str]:
 
         setattr(module, name, recorded)
 
-    for name in sorted(DIST_COLLECTIVES):
+    # Point-to-point ops stay unwrapped: torch's pipeline checks their identity (P2POp).
+    for name in sorted(DIST_COLLECTIVES - {"send", "recv", "isend", "irecv", "batch_isend_irecv"}):
         if hasattr(dist, name):
             wrap(dist, name)
     wrap(funcol, "all_gather_single_autograd")

@@ -140,8 +140,9 @@ def broadcast_object(obj: Any, src: int = 0, group: Group = None) -> Any:
     return box[0]
 
 
-def ddp_sum_hook(group: dist.ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """A DDP communication hook that *sums* gradients instead of averaging them.
+def ddp_sum_hook(group, bucket):  # no annotations: DDP checks them, and these would be strings
+    """A DDP communication hook that *sums* gradients instead of averaging them (``group``:
+    the DDP process group or None for the world; ``bucket``: a ``dist.GradBucket``).
 
     The recipe's loss is already divided by the global token count, so the sum of the
     ranks' gradients is the one-process gradient; DDP's default mean would halve it on two
