@@ -142,10 +142,7 @@ class LlamaLightningModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule
         if self.run_plan is None and hasattr(data, "micro_batch_size") and hasattr(data, "seq_len"):
-            try:  # TEMPORARY until recipe.plan lands
-                from recipe.plan import build_run_plan
-            except ImportError:
-                return
+            from recipe.plan import build_run_plan
 
             self.run_plan = build_run_plan(self.trainer, self, data)
             # The batch-layout rule of this layout, once for every shape the run can take.
