@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from recipe.config import LRSchedule, ModelArgs, OptimizerConfig, RopeScaling
 from recipe.errors import ConfigError, ModelConfigError
 from recipe.guard import StepGuard
+from recipe.lightning_compat import attached_trainer
 from recipe.model import Transformer, init_parameter
 from recipe.parallel.pipeline import cross_entropy_sum
 from recipe.parallel.step import StepPath, masked_targets, step_path_for
@@ -88,7 +89,8 @@ class LlamaLightningModule(L.LightningModule):
     @property
     def step_path(self) -> StepPath:
         """How a step runs under the trainer's strategy (one process without a trainer)."""
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        strategy = trainer.strategy if trainer is not None else None
         if self._step_path is None or self._step_path[0] is not strategy:
             self._step_path = (strategy, step_path_for(strategy, self.device))
         return self._step_path[1]

@@ -30,6 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
 from recipe.errors import ConfigError
+from recipe.lightning_compat import saves_distributed_checkpoint, set_device_mesh, setup_distributed
 from recipe.model import Transformer
 from recipe.parallel import collectives
 from recipe.parallel.mesh import ParallelDims
@@ -105,11 +106,10 @@ class Parallel4DStrategy(ModelParallelStrategy):
 
     def setup_environment(self) -> None:
         # ModelParallelStrategy would build its fixed 2-D (dp, tp) mesh here; build ours.
-        self._setup_distributed()
+        setup_distributed(self)
         self.dims = self.requested_dims.resolved(self.world_size)
-        self._device_mesh = self.dims.build_mesh(self.root_device.type)
         assert self.lightning_module is not None
-        self.lightning_module._device_mesh = self._device_mesh
+        set_device_mesh(self, self.lightning_module, self.dims.build_mesh(self.root_device.type))
 
     @property
     def data_parallel_rank(self) -> int:
@@ -192,9 +192,9 @@ class Parallel4DStrategy(ModelParallelStrategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
+            optimizer = optimizer.optimizer
         options = StateDictOptions(flatten_optimizer_state_dict=True, cpu_offload=True,
-                                   full_state_dict=not self._save_distributed_checkpoint)
+                                   full_state_dict=not saves_distributed_checkpoint(self))
         return get_optimizer_state_dict(self.model, optimizer, options=options)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path,
@@ -205,7 +205,7 @@ class Parallel4DStrategy(ModelParallelStrategy):
         ``meta.pt`` and the manifest, then renames the directory into place. ``path`` is
         therefore always a complete checkpoint (or absent), whatever moment a crash hits.
         """
-        if not self._save_distributed_checkpoint:
+        if not saves_distributed_checkpoint(self):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         import shutil
 
