@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
 from recipe.config import LRSchedule, ModelArgs, OptimizerConfig, RopeScaling
@@ -31,7 +32,6 @@ from recipe.errors import ConfigError, ModelConfigError
 from recipe.guard import StepGuard
 from recipe.lightning_compat import attached_trainer
 from recipe.model import Transformer, init_parameter
-from recipe.parallel.pipeline import cross_entropy_sum
 from recipe.parallel.step import StepPath, masked_targets, step_path_for
 
 
@@ -127,7 +127,7 @@ class LlamaLightningModule(L.LightningModule):
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss of one micro-batch: the sum of its token cross-entropies (fp32; -100 unscored)."""
-        return cross_entropy_sum(logits, targets)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
 
     def micro_batch_loss(self, tokens: torch.Tensor, doc_ids: torch.Tensor, normalizer: float,
                          loss_mask: torch.Tensor | None = None) -> torch.Tensor:
