@@ -371,11 +371,12 @@ class PolyakAveraging(WeightAveraging):
     """Arithmetic mean of the weights sampled once training passes a point (the paper's annealing average).
 
     Args:
-        start_tokens: average the weights made by every step that starts with ``tokens_seen``
-            at or past this count: with ``LRAnnealing.anneal_start``, exactly the annealing steps.
+        start_tokens: average the weights made by every step that starts at data position
+            (``batch["position"]``, skipped steps counted like the run plan counts them) at or
+            past this count: with ``LRAnnealing.anneal_start``, exactly the annealing steps.
         start_step: or from this optimizer step on (``global_step`` after it, inclusive).
             Averaging starts when either mark is passed; with neither, from the first step.
-            Both may be set while training runs (the annealing callback sets ``start_step``).
+            Both may be set while training runs.
         every_n_steps: sample every n-th step from the first sample (the "checkpoints").
         use_for_validation: validate with the averaged weights.
         save_path: write the averaged model there at the end of training (full state dict).
@@ -388,17 +389,20 @@ class PolyakAveraging(WeightAveraging):
         self.start_tokens = start_tokens
         self.start_step = start_step
         self.save_path = save_path
-        self._tokens_at_step_start = 0
+        self._position_at_step_start: int | None = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._tokens_at_step_start = int(getattr(pl_module, "tokens_seen", 0))
+        # The run's one clock: where the step starts in the data stream (None: not a recipe batch).
+        has_position = isinstance(batch, dict) and "position" in batch
+        self._position_at_step_start = int(batch["position"]) if has_position else None
 
     def _started(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         if self.start_tokens is None and self.start_step is None:
             return True
         by_step = self.start_step is not None and trainer.global_step >= self.start_step
-        by_tokens = self.start_tokens is not None and self._tokens_at_step_start >= self.start_tokens
+        position = self._position_at_step_start
+        by_tokens = self.start_tokens is not None and position is not None and position >= self.start_tokens
         return by_step or by_tokens
 
     def _blend(self, averages: list[torch.Tensor], samples: list[torch.Tensor]) -> None:

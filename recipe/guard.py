@@ -6,8 +6,11 @@ over every rank, so all ranks reach the same verdict without extra communication
 before the optimizer touches the weights:
 
 * a non-finite loss or gradient norm skips the step: no optimizer update, gradients
-  dropped, the batch consumed but not counted in ``tokens_seen``; the LR schedule does not
-  advance, so the run continues exactly as if that batch had not been in the data;
+  dropped. The batch is consumed and the step keeps its slot in the run plan
+  (``recipe.plan``), whose one clock is the data position: the LR, annealing, data mix,
+  context stages, Polyak start and the run's end all follow the position, so the steps
+  after a skip get exactly the schedule they would have had without it, and the weights
+  are those of a run whose data lacked that batch;
 * ``max_consecutive_skips`` skipped steps in a row stop the run with a clear error
   (something is wrong beyond one batch);
 * a finite loss above ``spike_factor`` x the median of the last ``spike_window`` losses

@@ -3,13 +3,14 @@
 A distributed run that fails after launching N processes, loading data and building the
 model wastes minutes (or a cluster allocation) and scatters the error over N logs. The
 ``recipe`` command runs these checks in the launching process, right after the config
-is parsed: the mesh against the world size and the model, every batch layout the
-schedules will use (data, batch-size ramp, context stages) against the mesh and the
-model's RoPE table, the data directory and its vocabulary, the tokenizer file, and the
-data-mix domains. The first problem found is raised as a one-line ``RecipeError``.
+is parsed: the mesh against the world size and the model, the run plan
+(``recipe.plan``: the schedules of the recipe callbacks together) and every batch layout
+it can produce against the mesh's batch-layout rule and the model's RoPE table, the data
+directory and its vocabulary, the tokenizer file, and the data-mix domains. The first
+problem found is raised as a one-line ``RecipeError``.
 
-Checks that need the running world (the callbacks' own ``setup`` checks) still run
-there too: this module only moves the common failures to the front.
+The module builds the same plan again in ``setup`` and checks it against the layout it
+actually runs; this module only moves the failures to the front.
 """
 
 from __future__ import annotations
@@ -22,49 +23,26 @@ from recipe.errors import ConfigError
 from recipe.errors import ModelConfigError
 
 
-def layouts(trainer: Any, data: Any) -> list[tuple[int, int, str]]:
-    """Every ``(global batch in sequences, seq_len, where)`` the run's schedules can produce."""
-    from callbacks.batch_ramp import BatchSizeRamp
-    from callbacks.context_stages import ContextLengthStages
-
-    found = [(data.global_batch_size, data.seq_len, "data")]
-    ramp = next((cb for cb in trainer.callbacks if isinstance(cb, BatchSizeRamp)), None)
-    if ramp is not None:
-        found = [(s.batch_tokens // s.seq_len, s.seq_len, f"ramp stage at {s.tokens:,} tokens") for s in ramp.stages]
-    stages = next((cb for cb in trainer.callbacks if isinstance(cb, ContextLengthStages)), None)
-    if stages is not None:
-        base_tokens = stages.base_batch_tokens(ramp, data)
-        for i, s in enumerate(stages.stages):
-            for tokens in [s.batch_tokens] if s.batch_tokens else sorted(base_tokens):
-                if tokens % s.seq_len:
-                    raise ConfigError(f"context stage {i}: {tokens:,} tokens per step are not a multiple of its "
-                                      f"seq_len={s.seq_len}; set the stage's batch_tokens")
-                found.append((tokens // s.seq_len, s.seq_len, f"context stage {i}"))
-    return found
-
-
 def check_fit(trainer: Any, module: Any, data: Any) -> None:
     """Raise the first problem of a ``fit`` config (one line), or return."""
-    from recipe.data.stream import check_batch_layout
+    from recipe.parallel.mesh import ParallelDims
+    from recipe.plan import build_run_plan
 
     arch = module.arch
     world = int(trainer.num_devices) * int(trainer.num_nodes)
     dims = _mesh(trainer, arch, world)
-    dp = dims.dp if dims is not None else world
     if not hasattr(data, "global_batch_size"):
         return  # not the recipe's data module: nothing more to know
-    for batch, seq_len, where in layouts(trainer, data):
-        if seq_len > arch.max_seq_len:
-            raise ModelConfigError(f"{where}: seq_len={seq_len} exceeds model.arch.max_seq_len={arch.max_seq_len}; "
-                                   "raise max_seq_len or shorten the sequences")
-        try:
-            check_batch_layout(batch, data.micro_batch_size, dp)
-            if dims is not None:
-                dims.validate_batch(seq_len, batch, data.micro_batch_size)
-                dims.validate_pipeline(batch // dims.dp // data.micro_batch_size, trainer.strategy.pp_schedule,
-                                       trainer.strategy.pp_stages_per_rank)
-        except ValueError as err:
-            raise ConfigError(f"{where}: {err}") from None
+    # The run plan refuses settings that cannot run together and lengths beyond the RoPE
+    # table; then every layout it can produce goes through the mesh's batch-layout rule.
+    plan = build_run_plan(trainer, module, data)
+    if dims is not None:
+        strategy = trainer.strategy
+        plan.check_layout(lambda batch, seq_len: dims.check_batch(
+            batch, seq_len, data.micro_batch_size, strategy.pp_schedule, strategy.pp_stages_per_rank))
+    else:  # one process or plain data parallelism: every rank a data-parallel rank
+        plain = ParallelDims(dp_shard=world)
+        plan.check_layout(lambda batch, seq_len: plain.check_batch(batch, seq_len, data.micro_batch_size))
     _check_data(data, arch, trainer)
 
 
@@ -108,10 +86,12 @@ def _check_data(data: Any, arch: Any, trainer: Any) -> None:
         raise ModelConfigError(f"{data_dir} was tokenized with a {index['vocab_size']}-token vocabulary but "
                                f"model.arch.vocab_size={arch.vocab_size}; set vocab_size to at least "
                                f"{index['vocab_size']}")
-    from callbacks.data_mix import DataMixSchedule
+    from recipe.plan import MixSettings
 
-    mix = next((cb for cb in trainer.callbacks if isinstance(cb, DataMixSchedule)), None)
-    if mix is not None:
+    mixes = [s for s in (getattr(cb, "run_plan_settings", None) for cb in trainer.callbacks)
+             if isinstance(s, MixSettings)]
+    if mixes:
+        mix = mixes[0]
         domains = sorted({shard.get("domain") or "default" for shard in index["shards"]})
         named = sorted({d for stage in mix.stages for d in stage.weights} | set(mix.anneal_weights or {}))
         unknown = [d for d in named if d not in domains]

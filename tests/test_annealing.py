@@ -14,10 +14,20 @@ from stdlib_corpus import stdlib_shards
 def test_paper_annealing_schedule():
     anneal = LRAnnealing(total_tokens=15_600_000_000_000, anneal_tokens=40_000_000)
     start = anneal.anneal_start
-    assert anneal.lr(start - 1, 8e-7) == 8e-7  # the main schedule until the last 40M tokens
-    assert anneal.lr(start, 8e-7) == 8e-7
-    assert anneal.lr(start + 20_000_000, 1.0) == pytest.approx(4e-7)  # linear in tokens, from the start LR
-    assert anneal.lr(anneal.total_tokens, 1.0) == 0.0  # exactly zero at the end
+    # A pure function of the position, the main schedule's LR there and its LR at the first
+    # annealing step (the run plan computes that one from the schedule: nothing recorded).
+    assert anneal.lr(start - 1, 8e-7, 8e-7) == 8e-7  # the main schedule until the last 40M tokens
+    assert anneal.lr(start, 8e-7, 8e-7) == 8e-7
+    assert anneal.lr(start + 20_000_000, 1.0, 8e-7) == pytest.approx(4e-7)  # linear in tokens, from the start LR
+    assert anneal.lr(anneal.total_tokens, 1.0, 8e-7) == 0.0  # exactly zero at the end
+
+
+def test_an_old_checkpoints_start_lr_is_not_read():
+    anneal = LRAnnealing(total_tokens=384, anneal_tokens=192)
+    anneal.load_state_dict({"start_lr": 0.5, "total_tokens": 384, "anneal_tokens": 192})
+    assert anneal.state_dict() == {"total_tokens": 384, "anneal_tokens": 192}
+    with pytest.warns(UserWarning, match="annealed over 100 of 400"):
+        anneal.load_state_dict({"total_tokens": 400, "anneal_tokens": 100})
 
 
 def test_annealing_longer_than_the_run_is_rejected():

@@ -190,8 +190,9 @@ def test_options_are_checked():
 
 @pytest.mark.parametrize("offset,sampled", [(0, [2, 4]), (1, [3])])
 def test_start_tokens_and_every_n_steps(reference, offset, sampled):
-    """Started by tokens - the steps that *start* at or past the mark (the annealed steps,
-    with ``LRAnnealing.anneal_start``), not a step that merely crosses it - sampled every 2nd step."""
+    """Started by tokens - the steps whose data position (``batch["position"]``) is at or past
+    the mark (the annealed steps, with ``LRAnnealing.anneal_start``), not a step that merely
+    crosses it - sampled every 2nd step."""
     snaps = reference["recorder"].after_step
     tokens_per_step = DATA["global_batch_size"] * DATA["seq_len"]
     polyak = PolyakAveraging(start_tokens=tokens_per_step + offset, every_n_steps=2)
@@ -204,13 +205,14 @@ def test_start_tokens_and_every_n_steps(reference, offset, sampled):
 
     trainer = Stub()
     for step in range(1, STEPS + 1):
-        trainer.global_step, module.tokens_seen = step - 1, (step - 1) * tokens_per_step
-        polyak.on_train_batch_start(trainer, module, None, step - 1)
+        trainer.global_step = step - 1
+        batch = {"position": torch.tensor((step - 1) * tokens_per_step)}
+        polyak.on_train_batch_start(trainer, module, batch, step - 1)
         with torch.no_grad():  # "train" the step: its weights are the reference run's
             for name, p in module.model.named_parameters():
                 p.copy_(snaps[step][name])
-        trainer.global_step, module.tokens_seen = step, step * tokens_per_step
-        polyak.on_train_batch_end(trainer, module, None, None, step - 1)
+        trainer.global_step = step
+        polyak.on_train_batch_end(trainer, module, None, batch, step - 1)
     assert polyak.first_step == sampled[0] and polyak.count == len(sampled)
     mean = {n: torch.stack([snaps[s][n] for s in sampled]).mean(0) for n in snaps[1]}
     assert_all_close(polyak.averages, mean, 1e-6, f"sampled after steps {sampled}")

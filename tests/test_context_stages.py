@@ -14,8 +14,10 @@ from cli_runs import read_scalars, tiny_fit_config
 from recipe.cli import main
 from recipe.errors import ConfigError
 from recipe.evals.niah import build_trials, score_trials
+from recipe.config import LRSchedule, OptimizerConfig
 from recipe.model import ModelArgs, RopeScaling, rope_cache
 from recipe.module import LlamaLightningModule
+from recipe.plan import ContextSettings, RunPlan, build_run_plan
 from stdlib_corpus import stdlib_shards
 
 UNGATED = dict(val_loss_tolerance=None, niah_min_accuracy=None, niah_trials=0)
@@ -29,22 +31,32 @@ def test_paper_stages_go_from_8k_to_128k_in_six_steps():
     assert sum(s.tokens for s in stages) == pytest.approx(800e9, rel=1e-3)
 
 
+def stages_plan(cb: ContextLengthStages, global_batch_size: int, seq_len: int, annealing=None,
+                max_seq_len: int = 1024) -> RunPlan:
+    """The run plan of ``cb`` over a data module's fixed layout (no ramp)."""
+    module = SimpleNamespace(arch=ModelArgs(max_seq_len=max_seq_len), lr_schedule=LRSchedule(),
+                             optim_config=OptimizerConfig())
+    data = SimpleNamespace(global_batch_size=global_batch_size, seq_len=seq_len, micro_batch_size=1)
+    return build_run_plan(SimpleNamespace(callbacks=[cb, *([annealing] if annealing else [])]), module, data)
+
+
 def test_ungated_stages_follow_fixed_token_counts():
     cb = ContextLengthStages([ContextStage(64, 1000), ContextStage(128, 2000, batch_tokens=1024)], start_tokens=500,
                              **UNGATED)
-    cb._base = lambda position: (8, 16)  # the batch schedule before the stages: 128 tokens in 16-token rows
-    assert cb.starts == [500, 1500]
-    assert cb.layout_at(0) == cb.layout_at(499) == (8, 16)
-    assert cb.layout_at(500) == cb.layout_at(1499) == (2, 64)  # the base's batch tokens at the stage's length
-    assert cb.layout_at(1500) == cb.layout_at(10**12) == (8, 128)  # the last stage runs to the end
+    plan = stages_plan(cb, 8, 16)  # the batch schedule before the stages: 128 tokens in 16-token rows
+    assert cb.starts == plan.stage_starts == [500, 1500]
+    assert plan.layout_at(0) == plan.layout_at(499) == (8, 16)
+    assert plan.layout_at(500) == plan.layout_at(1499) == (2, 64)  # the base's batch tokens at the stage's length
+    assert plan.layout_at(1500) == plan.layout_at(10**12) == (8, 128)  # the last stage runs to the end
 
 
 def test_rope_of_each_stage_is_the_last_one_set():
     scaling = RopeScaling(factor=8.0)
     cb = ContextLengthStages([ContextStage(64, 10), ContextStage(128, 10, rope_theta=1e6),
                               ContextStage(256, 10, rope_scaling={"factor": 8.0})], **UNGATED)
-    cb._base_rope = (5e5, None)
-    assert [cb.rope_at(k) for k in (-1, 0, 1, 2)] == [(5e5, None), (5e5, None), (1e6, None), (1e6, scaling)]
+    plan = stages_plan(cb, 4, 64)
+    assert plan.rope_theta == 5e5 and plan.rope_scaling is None  # the model's
+    assert [plan.rope_at(k) for k in (-1, 0, 1, 2)] == [(5e5, None), (5e5, None), (1e6, None), (1e6, scaling)]
 
 
 def test_set_rope_rebuilds_the_table_of_the_live_model():
@@ -78,22 +90,26 @@ def test_bad_stages_are_rejected_at_config_time(kwargs, needle):
 
 
 def _fake_trainer(callbacks=(), num_workers=0):
-    data = SimpleNamespace(batch_schedule=None, num_workers=num_workers)
+    data = SimpleNamespace(val_stream=None, num_workers=num_workers)
     return SimpleNamespace(datamodule=data, callbacks=list(callbacks))
 
 
 @pytest.mark.parametrize("case, needle", [
-    ("rope", "beyond the RoPE table of model.arch.max_seq_len=1024"),
+    ("rope", "context stage 1 uses seq_len=2048, which exceeds model.arch.max_seq_len=1024"),
     ("anneal", "after annealing begins"),
     ("workers", "need data.num_workers: 0"),
 ])
 def test_stages_that_cannot_run_are_rejected_at_setup(case, needle):
-    module = SimpleNamespace(arch=ModelArgs(max_seq_len=1024))
+    # The lengths and the annealing overlap are the run plan's checks (the module builds
+    # it in setup, the launcher before any rank starts); the loader workers the callback's.
     stages = [ContextStage(512, 1000), ContextStage(2048 if case == "rope" else 1024, 1000)]
     cb = ContextLengthStages(stages, start_tokens=100)
-    callbacks = [LRAnnealing(total_tokens=2000, anneal_tokens=1500)] if case == "anneal" else []
     with pytest.raises(ConfigError, match=needle) as err:
-        cb.setup(_fake_trainer([cb, *callbacks], num_workers=2 if case == "workers" else 0), module, "fit")
+        if case == "workers":
+            cb.setup(_fake_trainer([cb], num_workers=2), None, "fit")
+        else:
+            annealing = LRAnnealing(total_tokens=2000, anneal_tokens=1500) if case == "anneal" else None
+            stages_plan(cb, 2, 512, annealing=annealing)
     assert "\n" not in str(err.value)
 
 
@@ -162,7 +178,8 @@ def stages_config(tmp_path: Path, data_dir: Path, run: str, max_steps: int, **ga
 
 def final_state(run_dir: Path) -> dict:
     ckpt = torch.load(run_dir / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
-    return next(v for k, v in ckpt["callbacks"].items() if k.startswith("ContextLengthStages"))
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ContextLengthStages"))
+    return {**state, "starts": ckpt["run_plan"]["context_starts"]}  # the recorded starts are the plan's state
 
 
 def test_gated_stages_advance_one_step_after_passing_and_resume_exactly(tmp_path, data_dir):
@@ -205,16 +222,19 @@ def test_failing_gates_hold_the_stage_then_stop(tmp_path, data_dir):
     assert all(v < 1.0 for v in a["context/niah_accuracy"].values())
 
 
-def test_a_schedule_changed_under_a_prefetched_batch_is_caught(data_dir):
+def test_a_start_recorded_under_a_prefetched_batch_is_caught(data_dir):
     import lightning as L
 
     from recipe.data.datamodule import TokenDataModule
 
-    class ChangesTooEarly(L.Callback):
-        """Switches the layout for every position at once, including the batch already cut."""
+    class RecordsTooEarly(L.Callback):
+        """Gated stages whose second stage is recorded to start at the batch already cut."""
+
+        run_plan_settings = ContextSettings([ContextStage(16, 64), ContextStage(32, 64)], gated=True)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            trainer.datamodule.batch_schedule = lambda position: (2, 32)
+            if batch_idx == 0:
+                pl_module.run_plan.record_stage_start(1, int(batch["next_position"]))
 
     arch = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, multiple_of=16, ffn_dim_multiplier=None,
                      max_seq_len=64)
@@ -222,6 +242,6 @@ def test_a_schedule_changed_under_a_prefetched_batch_is_caught(data_dir):
                            val_batches=0, build_demo=False)
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[ChangesTooEarly()])
-    with pytest.raises(RuntimeError, match="changed the batch schedule for a batch already read"):
+                        callbacks=[RecordsTooEarly()])
+    with pytest.raises(RuntimeError, match="a stage start was recorded for a batch already read"):
         trainer.fit(LlamaLightningModule(arch=arch), datamodule=data)

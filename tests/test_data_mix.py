@@ -21,7 +21,9 @@ from recipe.data.datamodule import TokenDataModule
 from recipe.data.errors import DataError
 from recipe.data.shards import ShardSet, ShardWriter
 from recipe.data.stream import StreamState, TokenStream
+from recipe.config import LRSchedule
 from recipe.errors import ConfigError
+from recipe.plan import MixSettings, RunPlan
 
 VOCAB, BOS, EOS = 100, 1, 2
 # Each domain draws its tokens from its own id range, so a row shows which domain it came from.
@@ -200,9 +202,10 @@ def test_realized_mix_matches_the_weights(data):
         assert abs(np.mean(rows == d) - n / total) < 5 / rows.size
 
 
-def fake_trainer(dm: TokenDataModule | None = None, callbacks: list | None = None) -> SimpleNamespace:
+def fake_trainer(dm: TokenDataModule | None = None, callbacks: list | None = None, plan: RunPlan | None = None,
+                 ) -> SimpleNamespace:
     return SimpleNamespace(datamodule=dm, callbacks=callbacks or [], training=True, strategy=object(), global_rank=0,
-                           world_size=1)  # fmt: skip
+                           world_size=1, lightning_module=SimpleNamespace(run_plan=plan))  # fmt: skip
 
 
 def test_schedule_thresholds_and_annealing(data):
@@ -211,7 +214,7 @@ def test_schedule_thresholds_and_annealing(data):
     dm = make_dm(data)
     annealing = LRAnnealing(total_tokens=400, anneal_tokens=176)  # annealing from 224 tokens on
     mix.setup(fake_trainer(dm, [annealing]), None, "fit")
-    assert dm.mix_schedule == mix.weights_at and mix.anneal_start == 224
+    assert mix.anneal_start == 224
     assert mix.weights_at(99) == {"code": 1.0, "math": 0.0, "prose": 0.0}
     assert mix.weights_at(100) == {"code": 0.0, "math": 0.5, "prose": 0.5}
     assert mix.weights_at(224) == {"code": 0.0, "math": 0.0, "prose": 1.0}
@@ -277,8 +280,11 @@ def make_dm(data, root: Path | None = None, **kw) -> TokenDataModule:
 
 def test_datamodule_state_round_trips(data):
     dm = make_dm(data)
-    dm.trainer = fake_trainer(dm)
-    dm.mix_schedule = lambda p: {"code": 0.25, "math": 0.25, "prose": 0.5}
+    # The data module reads the layout and mix of each step from the module's run plan.
+    plan = RunPlan(LRSchedule(), 1e-3, dm.global_batch_size, dm.seq_len,
+                   mix=MixSettings([MixStage(0, {"code": 0.25, "math": 0.25, "prose": 0.5})]))
+    dm.trainer = fake_trainer(dm, plan=plan)
+    assert dm.train_stream().mix_schedule == plan.mix_at and dm.train_stream().batch_schedule == plan.layout_at
     assert dm.domains == ["code", "math", "prose"]
     assert dm.natural_weights == pytest.approx({d: n / data.set.num_tokens for d, n in data.set.domain_tokens.items()})
     it = iter(dm.train_dataloader())
@@ -289,7 +295,7 @@ def test_datamodule_state_round_trips(data):
     assert state["position"] == 96 and state["samples"] == 12 and state["seq_len"] == 8
     assert sum(state["domain_positions"].values()) == 96 and set(state["domain_positions"]) == set(dm.domains)
     dm2 = make_dm(data)
-    dm2.mix_schedule = dm.mix_schedule
+    dm2.trainer = fake_trainer(dm2, plan=plan)
     dm2.load_state_dict(json.loads(json.dumps(state)))  # survives a plain serialisation
     assert dm2.state_dict() == state
     resumed = next(iter(dm2.train_dataloader()))

@@ -106,11 +106,13 @@ def fit(data: TokenDataModule, callbacks: list) -> tuple[LlamaLightningModule, L
 
 
 def test_a_nan_batch_is_skipped_as_if_it_were_not_in_the_data(data_dir):
-    with pytest.warns(UserWarning, match="skipped the step at 128 tokens: non-finite loss"):
+    with pytest.warns(UserWarning, match="skipped the step at token 128: non-finite loss"):
         poisoned, seen = fit(TokenDataModule(data_dir=str(data_dir), **DATA), [PoisonOneBatch()])
     clean, expected = fit(WithoutOneBatch(data_dir=str(data_dir), **DATA), [])
     assert math.isnan(seen.losses[POISONED]) and len(seen.losses) == 6  # 5 optimizer steps from 6 batches
     assert seen.losses[:POISONED] + seen.losses[POISONED + 1:] == pytest.approx(expected.losses, abs=0, rel=0)
-    assert poisoned.guard.skipped_steps == 1 and poisoned.tokens_seen == clean.tokens_seen == 5 * 64
+    # tokens_seen is the data position: both runs consumed the six batches of the stream
+    # (the clean one skips the poisoned batch's slot, positions and LR schedule included).
+    assert poisoned.guard.skipped_steps == 1 and poisoned.tokens_seen == clean.tokens_seen == 6 * 64
     for (name, a), b in zip(poisoned.model.named_parameters(), clean.model.parameters()):
         assert torch.equal(a, b), name

@@ -42,21 +42,25 @@ def test_model_constraints():
 
 
 def test_batch_constraints():
+    assert ParallelDims(dp_shard=2, cp=2, tp=2).check_batch(batch_size=8, seq_len=32, micro_batch_size=2) == 2
     with pytest.raises(ConfigError) as err:
-        ParallelDims(cp=2, tp=2).validate_batch(seq_len=36, global_batch_size=8, micro_batch_size=1)
+        ParallelDims(dp_shard=1, cp=2, tp=2).check_batch(batch_size=8, seq_len=36, micro_batch_size=1)
     assert "2 x cp x tp = 8" in one_line(err)
     with pytest.raises(ConfigError) as err:
-        ParallelDims(dp_shard=4).validate_batch(seq_len=32, global_batch_size=6, micro_batch_size=1)
-    assert "multiple of dp (4)" in one_line(err)
+        ParallelDims(dp_shard=4).check_batch(batch_size=6, seq_len=32, micro_batch_size=1)
+    assert "not divisible by the data-parallel size 4" in one_line(err)
+    with pytest.raises(ConfigError) as err:
+        ParallelDims(dp_shard=2).check_batch(batch_size=6, seq_len=32, micro_batch_size=2)
+    assert "multiple of dp_size x micro_batch_size = 4" in one_line(err)
 
 
 def test_pipeline_micro_batch_constraints():
-    ParallelDims(pp=2).validate_pipeline(1, "GPipe", 1)
+    assert ParallelDims(pp=2, dp_shard=1).check_batch(1, 8, 1, "GPipe") == 1
     with pytest.raises(ConfigError) as err:
-        ParallelDims(pp=4).validate_pipeline(2, "1F1B", 1)
+        ParallelDims(pp=4, dp_shard=1).check_batch(2, 8, 1, "1F1B")
     assert "at least pp=4 micro-batches" in one_line(err)
     with pytest.raises(ConfigError) as err:
-        ParallelDims(pp=2).validate_pipeline(3, "Interleaved1F1B", 2)
+        ParallelDims(pp=2, dp_shard=1).check_batch(3, 8, 1, "Interleaved1F1B", stages_per_rank=2)
     assert "divisible by pp=2" in one_line(err)
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from recipe.data.build import ensure_curated_data, ensure_demo_data, is_built
 from recipe.data.errors import DataError
 from recipe.data.shards import DEFAULT_DOMAIN, ShardSet
-from recipe.data.stream import TokenStream, check_batch_layout
+from recipe.data.stream import TokenStream
 
 __all__ = ["TokenDataModule"]
 
@@ -77,10 +77,6 @@ class TokenDataModule(L.LightningDataModule):
         self.position = 0  # global token offset of the next training step
         self.samples = 0  # global samples consumed (the data mix draws sample k's domain from k)
         self.domain_positions: dict[str, int] = {}  # token offset reached in each domain's stream
-        # Set by a batch-size ramp / context-length callback: position -> (global batch, seq_len).
-        self.batch_schedule = None
-        # Set by a data-mix callback: position -> {domain: weight}; None: the natural token shares.
-        self.mix_schedule = None
         self.train_set: ShardSet | None = None
         self.val_set: ShardSet | None = None
 
@@ -105,9 +101,8 @@ class TokenDataModule(L.LightningDataModule):
                 self.prepare_data()  # used without a Trainer (scripts, tests)
             self.train_set = ShardSet(self.data_dir / "train")
             self.val_set = ShardSet(self.data_dir / "val")
-        # Fail at setup, not at the first batch, on a layout that cannot be split.
-        check_batch_layout(self.global_batch_size, self.micro_batch_size, self.dp_size)
-        check_batch_layout(self.val_batch_size, self.micro_batch_size, self.dp_size)
+        # The layouts are checked once, by the run plan against the parallel layout
+        # (``recipe.plan.RunPlan.check_layout``); a stream checks its own when it is made.
 
     @property
     def dp_rank(self) -> int:
@@ -166,12 +161,25 @@ class TokenDataModule(L.LightningDataModule):
             prefetch_factor=2 if self.num_workers > 0 else None,
         )
 
+    @property
+    def run_plan(self) -> Any:
+        """The run plan of the module being trained (``recipe.plan.RunPlan``), or None.
+
+        The plan gives each step's layout and mix from its position; without one (a
+        module of another kind, no trainer) the stream keeps the fixed layout and the
+        data's natural mix.
+        """
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        return getattr(module, "run_plan", None)
+
     def train_stream(self) -> TokenStream:
         train = self._train_set()
+        plan = self.run_plan
         return TokenStream(
             train, self.seq_len, self.global_batch_size, self.micro_batch_size,
             dp_rank=self.dp_rank, dp_size=self.dp_size, start_position=self.position,
-            batch_schedule=self.batch_schedule, mix_schedule=self.mix_schedule,
+            batch_schedule=plan.layout_at if plan is not None else None,
+            mix_schedule=plan.mix_at if plan is not None and plan.mix is not None else None,
             start_samples=self.samples, start_domain_positions=self.domain_positions or None,
         )  # fmt: skip
 
@@ -215,20 +223,21 @@ class TokenDataModule(L.LightningDataModule):
         return batch
 
     def _check_schedule(self, batch: dict[str, Any]) -> None:
-        """A batch cut ahead of time must still have the layout the schedule gives its position.
+        """A batch cut ahead of time must still have the layout the run plan gives its position.
 
-        A callback that changes the schedule at run time (gated context stages) must only
-        change it for positions no loader has reached yet; this catches one that does not.
+        The plan changes at run time only when a gated context stage records its start,
+        which must lie past every position a loader has reached; this catches one that does not.
         """
-        if self.batch_schedule is None:
+        plan = self.run_plan
+        if plan is None:
             return
         position, tokens = int(batch["position"]), batch["tokens"]
-        expected = self.batch_schedule(position)
+        expected = plan.layout_at(position)
         got = (int(batch["next_position"]) - position) // (tokens.shape[-1] - 1), tokens.shape[-1] - 1
         if got != tuple(expected):
             raise RuntimeError(
-                f"the batch at token {position:,} was cut as {got[0]} x {got[1]} tokens but the schedule now says "
-                f"{expected[0]} x {expected[1]}: a callback changed the batch schedule for a batch already read"
+                f"the batch at token {position:,} was cut as {got[0]} x {got[1]} tokens but the run plan now says "
+                f"{expected[0]} x {expected[1]}: a stage start was recorded for a batch already read"
             )
 
     def state_dict(self) -> dict[str, Any]:

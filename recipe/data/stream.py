@@ -47,32 +47,22 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from recipe.data.errors import DataError
 from recipe.data.shards import ShardSet
+from recipe.errors import ConfigError
+from recipe.parallel.mesh import ParallelDims
 
-__all__ = ["GOLDEN_FRACTION", "StreamState", "TokenStream", "check_batch_layout", "domain_of_samples"]
+__all__ = ["GOLDEN_FRACTION", "StreamState", "TokenStream", "domain_of_samples", "local_rows"]
 
 GOLDEN_FRACTION = 0.6180339887498949  # (sqrt(5) - 1) / 2
 
 
-def check_batch_layout(global_batch_size: int, micro_batch_size: int, dp_size: int) -> int:
-    """Validate the batch layout; return the per-rank sample count ``local``."""
-    if global_batch_size < 1 or micro_batch_size < 1 or dp_size < 1:
-        raise DataError(
-            f"global_batch_size={global_batch_size}, micro_batch_size={micro_batch_size} and "
-            f"dp_size={dp_size} must all be >= 1"
-        )
-    if global_batch_size % dp_size:
-        raise DataError(
-            f"global_batch_size={global_batch_size} is not divisible by the data-parallel size {dp_size}; "
-            f"choose a global_batch_size that is a multiple of {dp_size}"
-        )
-    local = global_batch_size // dp_size
-    if local % micro_batch_size:
-        raise DataError(
-            f"global_batch_size={global_batch_size} / dp_size={dp_size} = {local} sequences per rank is not a "
-            f"multiple of micro_batch_size={micro_batch_size}; make global_batch_size a multiple of "
-            f"dp_size x micro_batch_size = {dp_size * micro_batch_size}"
-        )
-    return local
+def local_rows(global_batch_size: int, seq_len: int, micro_batch_size: int, dp_size: int) -> int:
+    """Sequences per data-parallel rank of a step, by the mesh's batch-layout rule
+    (``ParallelDims.check_batch``); a layout it cannot cut is a one-line ``DataError``."""
+    try:
+        n_micro = ParallelDims(dp_shard=dp_size).check_batch(global_batch_size, seq_len, micro_batch_size)
+    except ConfigError as err:
+        raise DataError(str(err)) from None
+    return n_micro * micro_batch_size
 
 
 def domain_of_samples(first_sample: int, count: int, cumulative: np.ndarray) -> np.ndarray:
@@ -144,7 +134,7 @@ class TokenStream(IterableDataset):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet(shards)
         if seq_len < 1:
             raise DataError(f"seq_len must be >= 1, got {seq_len}")
-        self.local = check_batch_layout(global_batch_size, micro_batch_size, dp_size)
+        self.local = local_rows(global_batch_size, seq_len, micro_batch_size, dp_size)
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
         if start_position < 0 or start_samples < 0:
@@ -310,8 +300,8 @@ class TokenStream(IterableDataset):
 
     def _cut(self, state: StreamState, plan: _Plan) -> dict[str, torch.Tensor]:
         batch, L, n = plan.batch, plan.seq_len, len(self.domains)
-        local = self.local if self.batch_schedule is None else check_batch_layout(batch, self.micro_batch_size,
-                                                                                 self.dp_size)
+        local = self.local if self.batch_schedule is None else local_rows(batch, L, self.micro_batch_size,
+                                                                         self.dp_size)
         first = self.dp_rank * local
         mine = plan.domains[first : first + local]
         # Samples of domain d before this rank's first one: where its window starts in d's stream.

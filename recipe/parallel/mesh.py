@@ -78,35 +78,55 @@ class ParallelDims:
                 f"the model's {n_layers} layers; lower pp or stages_per_rank"
             )
 
-    def validate_batch(self, seq_len: int, global_batch_size: int, micro_batch_size: int) -> None:
+    def check_batch(self, batch_size: int, seq_len: int, micro_batch_size: int, pp_schedule: str = "1F1B",
+                    stages_per_rank: int = 1) -> int:
+        """The batch-layout rule: can this mesh cut a step of ``batch_size`` global sequences of
+        ``seq_len`` tokens into micro-batches of ``micro_batch_size``?
+
+        Returns the micro-batches per data-parallel rank; raises a one-line ``ConfigError``
+        naming the fix otherwise. The one place the rule lives: the data stream, the config
+        checks before launch and the run plan's layouts all go through it.
+        """
+        if self.dp_shard == -1:
+            raise ValueError("check_batch needs resolved sizes: call resolved(world_size) first")
+        dp = self.dp
+        if batch_size < 1 or micro_batch_size < 1 or seq_len < 1 or dp < 1:
+            raise ConfigError(
+                f"global_batch_size={batch_size}, micro_batch_size={micro_batch_size}, seq_len={seq_len} and "
+                f"dp_size={dp} must all be >= 1"
+            )
+        if batch_size % dp:
+            raise ConfigError(
+                f"global_batch_size={batch_size} is not divisible by the data-parallel size {dp}; "
+                f"choose a global_batch_size that is a multiple of {dp}"
+            )
+        local = batch_size // dp
+        if local % micro_batch_size:
+            raise ConfigError(
+                f"global_batch_size={batch_size} / dp_size={dp} = {local} sequences per rank is not a "
+                f"multiple of micro_batch_size={micro_batch_size}; make global_batch_size a multiple of "
+                f"dp_size x micro_batch_size = {dp * micro_batch_size}"
+            )
         chunk = 2 * self.cp * self.tp
-        if seq_len % chunk:
+        if self.cp * self.tp > 1 and seq_len % chunk:
             raise ConfigError(
                 f"seq_len={seq_len} must be divisible by 2 x cp x tp = {chunk} (context-parallel chunks, "
                 "sequence-parallel shards); change seq_len or the parallel sizes"
             )
-        if global_batch_size % (self.dp * micro_batch_size):
-            raise ConfigError(
-                f"global_batch_size={global_batch_size} must be a multiple of dp ({self.dp}) x micro_batch_size "
-                f"({micro_batch_size}) = {self.dp * micro_batch_size}"
-            )
-
-    def validate_pipeline(self, n_microbatches: int, schedule: str, stages_per_rank: int) -> None:
-        """Micro-batch counts the pipeline schedules can take (checked before the first step)."""
-        if self.pp == 1:
-            return
-        stages = self.pp * stages_per_rank
-        if schedule.lower() != "gpipe" and n_microbatches < self.pp:
-            raise ConfigError(
-                f"pipeline schedule {schedule} needs at least pp={self.pp} micro-batches per step, got "
-                f"{n_microbatches} (global_batch_size / dp / micro_batch_size); raise global_batch_size or lower "
-                "micro_batch_size"
-            )
-        if stages_per_rank > 1 and n_microbatches % self.pp:
-            raise ConfigError(
-                f"interleaved schedule {schedule} with {stages} stages needs a micro-batch count divisible by "
-                f"pp={self.pp}, got {n_microbatches}; adjust global_batch_size or micro_batch_size"
-            )
+        n_micro = local // micro_batch_size
+        if self.pp > 1:
+            if pp_schedule.lower() != "gpipe" and n_micro < self.pp:
+                raise ConfigError(
+                    f"pipeline schedule {pp_schedule} needs at least pp={self.pp} micro-batches per step, got "
+                    f"{n_micro} (global_batch_size / dp / micro_batch_size); raise global_batch_size or lower "
+                    "micro_batch_size"
+                )
+            if stages_per_rank > 1 and n_micro % self.pp:
+                raise ConfigError(
+                    f"interleaved schedule {pp_schedule} with {self.pp * stages_per_rank} stages needs a micro-batch "
+                    f"count divisible by pp={self.pp}, got {n_micro}; adjust global_batch_size or micro_batch_size"
+                )
+        return n_micro
 
     def build_mesh(self, device_type: str = "cpu") -> DeviceMesh:
         """The 5-D mesh with the flattened views described in the module docstring."""
