@@ -451,7 +451,7 @@ def main(argv: list[str]) -> int:
 
     import yaml
 
-    from recipe.cli import model_args_from_config
+    from recipe.model_info import model_args_from_config
 
     parser = argparse.ArgumentParser(prog="recipe plan", description="memory and step time of 4D layouts")
     parser.add_argument("--config", required=True, help="a recipe fit YAML (model, data, strategy, ramp)")

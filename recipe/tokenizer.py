@@ -19,7 +19,7 @@ import tiktoken
 
 from recipe.errors import RecipeError
 
-__all__ = ["Tokenizer", "TokenizerError", "default_tokenizer_path"]
+__all__ = ["Tokenizer", "TokenizerError", "default_tokenizer_path", "load_bpe_ranks"]
 
 # Llama 3's pre-tokenization regex (splits text into pieces before BPE merges).
 PAT_STR = (
@@ -77,7 +77,7 @@ def default_tokenizer_path() -> Path:
     raise TokenizerError(f"llama-models is not installed (or lacks llama3/tokenizer.model); {_FIX_HINT}")
 
 
-def _load_bpe_ranks(path: Path) -> dict[bytes, int]:
+def load_bpe_ranks(path: Path) -> dict[bytes, int]:
     """Parse a tiktoken BPE file strictly: every non-empty line is ``<base64> <rank>``.
 
     Unlike a lenient loader, bad lines are errors rather than silently skipped: a
@@ -146,7 +146,7 @@ class Tokenizer:
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         self.path = Path(path) if path is not None else default_tokenizer_path()
-        ranks = _load_bpe_ranks(self.path)
+        ranks = load_bpe_ranks(self.path)
         self.n_base_tokens: int = len(ranks)
         self.special_tokens: dict[str, int] = {tok: self.n_base_tokens + i for i, tok in enumerate(SPECIAL_TOKENS)}
         self.n_words: int = self.n_base_tokens + len(self.special_tokens)

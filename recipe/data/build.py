@@ -16,44 +16,27 @@ a validation document in train would leak it).
 from __future__ import annotations
 
 import hashlib
-import heapq
 import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from recipe.data.corpus import Document, iter_documents, list_inputs
 from recipe.data.errors import DataError
-from recipe.errors import ConfigError
+from recipe.data.packing import Splitter, TokenizerLike, load_tokenizer
 from recipe.data.shards import DEFAULT_DOMAIN, DEFAULT_SHARD_TOKENS, ShardWriter, atomic_dir, is_complete
+from recipe.errors import ConfigError
 
 __all__ = ["BuildReport", "build_shards", "ensure_demo_data", "is_built", "load_tokenizer"]
 
 BATCH_CHARS = 4_000_000  # tokenize this much text per encode_batch call (bounded memory)
 BATCH_DOCS = 4096
 MAX_EXAMPLES = 10  # sources of dropped documents kept per reason in the report
-
-
-class TokenizerLike(Protocol):
-    n_words: int
-    bos_id: int
-    eos_id: int
-
-    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]: ...
-
-
-def load_tokenizer(tokenizer: TokenizerLike | str | os.PathLike | None) -> TokenizerLike:
-    """A ready tokenizer: an object is used as is, a path or None loads ``recipe.tokenizer.Tokenizer``."""
-    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-        from recipe.tokenizer import Tokenizer  # the real Llama 3 tokenizer by default
-
-        return Tokenizer(tokenizer)
-    return tokenizer
 
 
 def _tokenizer_name(tok: Any) -> str:
@@ -124,57 +107,6 @@ def _reason_to_drop(doc: Document) -> str | None:
     return None
 
 
-class _Splitter:
-    """Route documents to train/val from the text hash, independent of order.
-
-    ``val_fraction`` mode: val iff hash < fraction; if that picks no document at all,
-    the one with the smallest hash goes to val (so val is never empty with >= 2
-    documents). ``val_documents=k`` mode: the k smallest hashes (at most kept - 1).
-    Both hold back the current candidates (1 or k documents) in memory; a candidate
-    that loses goes to train then, so those few documents move later in train order.
-    """
-
-    def __init__(self, train: ShardWriter, val: ShardWriter, fraction: float, k: int | None) -> None:
-        self.train, self.val, self.fraction, self.k = train, val, fraction, k
-        self.held: list[tuple[float, int, np.ndarray, str | None]] = []  # max-heap via negated hash
-        self.count = 0
-        self.val_direct = 0
-
-    def add(self, h: float, tokens: np.ndarray, domain: str | None = None) -> None:
-        self.count += 1
-        if self.k is None and h < self.fraction:
-            self.val.add(tokens, domain)
-            self.val_direct += 1
-            return
-        capacity = self.k if self.k is not None else (1 if self.val_direct == 0 else 0)
-        item = (-h, self.count, tokens, domain)
-        if capacity == 0:
-            self._flush_held_to_train()
-            self.train.add(tokens, domain)
-        elif len(self.held) < capacity:
-            heapq.heappush(self.held, item)
-        else:
-            out = heapq.heappushpop(self.held, item)  # the largest hash leaves the candidates
-            self.train.add(out[2], out[3])
-
-    def _flush_held_to_train(self) -> None:
-        for item in sorted(self.held, key=lambda x: x[1]):
-            self.train.add(item[2], item[3])
-        self.held = []
-
-    def finish(self) -> None:
-        held = sorted(self.held, key=lambda x: -x[0])  # smallest hash first
-        if self.k is None:
-            to_val = held if self.val_direct == 0 and self.count >= 2 else []
-        else:
-            to_val = held[: max(0, min(self.k, self.count - 1))]
-        for item in sorted(to_val, key=lambda x: x[1]):
-            self.val.add(item[2], item[3])
-        for item in sorted(held[len(to_val) :], key=lambda x: x[1]):
-            self.train.add(item[2], item[3])
-        self.held = []
-
-
 def build_shards(
     corpus_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -226,7 +158,7 @@ def build_shards(
         train = ShardWriter(root / "train", shard_tokens=shard_tokens, **meta)
         val = ShardWriter(root / "val", shard_tokens=shard_tokens, **meta)
         try:
-            splitter = _Splitter(train, val, val_fraction, val_documents)
+            splitter = Splitter(train, val, val_fraction, val_documents)
             batch: list[Document] = []
             chars = 0
 

@@ -40,8 +40,8 @@ def import_main(argv: list[str]) -> int:
                         help="meta with use_scaled_rope: the scaling factor (default 8, Llama 3.1's; 32 for 3.2)")
     args = parser.parse_args(argv)
 
-    from recipe.cli import describe_model
-    from recipe.interop.checkpoint import ARCH_YAML_FILE, MODEL_ARGS_FILE, arch_flags, check_new_output
+    from recipe.interop.weights import ARCH_YAML_FILE, MODEL_ARGS_FILE, arch_flags, check_new_output
+    from recipe.model_info import describe_model
 
     src, out = Path(args.src), Path(args.out)
     check_new_output(out)  # before any work
@@ -81,8 +81,9 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--max-shard-size", type=_size, default=DEFAULT_SHARD_BYTES, help="e.g. 5GB (default)")
     args = parser.parse_args(argv)
 
-    from recipe.interop.checkpoint import check_new_output, load_model_args, open_weights
+    from recipe.interop.checkpoint import open_weights
     from recipe.interop.export import export_hf
+    from recipe.interop.weights import check_new_output, load_model_args
 
     check_new_output(Path(args.out))  # before any work
     source = open_weights(args.ckpt, args.averaged)
@@ -120,8 +121,8 @@ def generate_main(argv: list[str]) -> int:
     if args.max_new_tokens < 1 or not 0.0 < args.top_p <= 1.0 or args.temperature < 0:
         raise InteropError("--max-new-tokens must be >= 1, --top-p in (0, 1] and --temperature >= 0")
 
-    from recipe.interop.checkpoint import check_vocabulary
     from recipe.interop.generate import generate, load_model
+    from recipe.interop.weights import check_vocabulary
 
     tokenizer = _tokenizer(args.tokenizer)
     model = load_model(args.ckpt, args.config, args.averaged)

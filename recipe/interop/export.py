@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from recipe.interop.checkpoint import WeightSource, check_vocabulary, check_weights, expected_tensors, staged_output
+from recipe.interop.weights import WeightSource, check_vocabulary, check_weights, expected_tensors, staged_output
 from recipe.interop.hf import hf_config, to_hf_name, to_hf_tensor
 from recipe.model import ModelArgs
 from recipe.tokenizer import Tokenizer

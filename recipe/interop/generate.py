@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from recipe.interop import InteropError
-from recipe.interop.checkpoint import check_weights, load_model_args, open_weights
+from recipe.interop.checkpoint import open_weights
+from recipe.interop.weights import check_weights, load_model_args
 from recipe.model import KVCache, ModelArgs, Transformer
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from recipe.interop import CheckpointError, InteropError
-from recipe.interop.checkpoint import TensorInfo, WeightSource, check_weights, expected_tensors, save_weights
+from recipe.interop.weights import TensorInfo, WeightSource, check_weights, expected_tensors, save_weights
 from recipe.model import ModelArgs, RopeScaling
 
 _BLOCK_NAMES = {

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from recipe.tokenizer import PAT_STR, Tokenizer, _load_bpe_ranks
+from recipe.tokenizer import PAT_STR, Tokenizer, load_bpe_ranks
 
 
 def byte_alphabet() -> dict[int, str]:
@@ -54,7 +54,7 @@ def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[list
 
 
 def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
-    vocab, merges = vocab_and_merges(_load_bpe_ranks(tokenizer.path))
+    vocab, merges = vocab_and_merges(load_bpe_ranks(tokenizer.path))
     bos = "<|begin_of_text|>"
     added = [{"id": token_id, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for token, token_id in tokenizer.special_tokens.items()]

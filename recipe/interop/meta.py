@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from recipe.interop import CheckpointError, InteropError
-from recipe.interop.checkpoint import TensorInfo, expected_tensors, save_weights
+from recipe.interop.weights import TensorInfo, expected_tensors, save_weights
 from recipe.model import ModelArgs, RopeScaling
 
 _COLUMN = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight",

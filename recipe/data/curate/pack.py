@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from recipe.data.build import _Splitter, load_tokenizer
 from recipe.data.curate.record import Doc, hash01_pair
 from recipe.data.curate.stage import Stage, register
 from recipe.data.errors import DataError
+from recipe.data.packing import Splitter, load_tokenizer
 from recipe.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter
 from recipe.errors import ConfigError
 
@@ -200,7 +200,7 @@ class Pack(Stage):
         val = ShardWriter(root / "val", shard_tokens=self.shard_tokens, **meta)
         mix: dict[str, dict[str, Any]] = {}
         try:
-            splitter = _Splitter(train, val, self.val_fraction, self.val_documents)
+            splitter = Splitter(train, val, self.val_fraction, self.val_documents)
             for bucket in sorted(tokens):
                 keep = self._choose(bucket, targets[bucket])
                 domain = self.shard_domains.get(bucket, bucket)
