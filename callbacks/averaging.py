@@ -16,8 +16,8 @@ callbacks keep the average per parameter *shard* instead:
   callback state instead.
 * ``use_for_validation`` swaps the averages into the parameters for validation, in place.
 * ``PolyakAveraging(save_path=...)`` writes the averaged model as a full state dict at the
-  end of training; it loads into ``Transformer`` with ``strict=True`` or through the
-  module's ``init_weights_path``.
+  end of training (a relative ``save_path`` under ``trainer.default_root_dir``); it loads
+  into ``Transformer`` with ``strict=True`` or through the module's ``init_weights_path``.
 
 Resume: on a DCP checkpoint the callback reads its entries itself in ``on_load_checkpoint``
 (one extra DCP read of just those keys), so the strategy needs no change. A strategy may
@@ -39,6 +39,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from recipe.errors import ConfigError
+from recipe.lightning_compat import attached_trainer, callback_state_key, saves_distributed_checkpoint
 
 _WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
@@ -71,11 +72,7 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 def _uses_dcp(trainer: L.Trainer) -> bool:
     """Whether the strategy writes sharded (DCP) checkpoints, where each rank saves its own shards."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    strategy = trainer.strategy
-    return isinstance(strategy, ModelParallelStrategy) and bool(getattr(strategy, "_save_distributed_checkpoint",
-                                                                           False))
+    return saves_distributed_checkpoint(trainer.strategy)
 
 
 class WeightAveraging(L.Callback):
@@ -113,7 +110,7 @@ class WeightAveraging(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
+        return callback_state_key(self, name=self.name)
 
     @property
     def prefix(self) -> str:
@@ -260,7 +257,7 @@ class WeightAveraging(L.Callback):
         Called by a strategy before its ``dcp.load``; the strategy loads the keys the
         checkpoint holds into these tensors and ``on_load_checkpoint`` adopts them.
         """
-        params = self._parameters(getattr(pl_module, "_trainer", None), pl_module)
+        params = self._parameters(attached_trainer(pl_module), pl_module)
         self._dcp_targets = {n: _like(p, torch.zeros_like(_local(p), dtype=torch.float32)) for n, p in params.items()}
         return {self.prefix + n: t for n, t in self._dcp_targets.items()}
 
@@ -379,7 +376,8 @@ class PolyakAveraging(WeightAveraging):
             Both may be set while training runs.
         every_n_steps: sample every n-th step from the first sample (the "checkpoints").
         use_for_validation: validate with the averaged weights.
-        save_path: write the averaged model there at the end of training (full state dict).
+        save_path: write the averaged model there at the end of training (full state dict); a
+            relative path is under ``trainer.default_root_dir``, with the run's other outputs.
         name: key of this average in checkpoints (default: the class name).
     """
 
@@ -408,13 +406,22 @@ class PolyakAveraging(WeightAveraging):
     def _blend(self, averages: list[torch.Tensor], samples: list[torch.Tensor]) -> None:
         torch._foreach_lerp_(averages, samples, 1.0 / self.count)  # mean of count samples
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def resolved_save_path(self, trainer: L.Trainer) -> Path | None:
+        """Where ``on_train_end`` writes the average: ``save_path``, a relative one under the trainer's
+        ``default_root_dir``; None when nothing is to be written."""
         if self.save_path is None:
+            return None
+        path = Path(self.save_path).expanduser()
+        return path if path.is_absolute() else Path(trainer.default_root_dir) / path
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self.resolved_save_path(trainer)
+        if path is None:
             return
         if self.count == 0:
-            rank_zero_warn(f"{self.name}: no step was averaged, so {self.save_path} was not written")
+            rank_zero_warn(f"{self.name}: no step was averaged, so {path} was not written")
             return
-        self.save(self.save_path, trainer, pl_module)
+        self.save(path, trainer, pl_module)
 
 
 __all__ = ["WeightAveraging", "EMAAveraging", "PolyakAveraging"]

@@ -11,35 +11,42 @@ hundreds of times needs:
 * SIGTERM (and SIGUSR1, which SLURM sends ahead of a pre-emption) ask for a stop: at the
   next step boundary - never inside a collective - every rank saves ``last.ckpt``
   together, and the run exits so that ``--ckpt_path last`` continues it.
+
+Without a ``dirpath`` the checkpoints go to ``<trainer.default_root_dir>/checkpoints``,
+with the run's other outputs. (Lightning's ``ModelCheckpoint`` would use the logger's
+``version_<n>`` folder, which changes at every restart, so a resumed run would neither
+find nor continue its own ``last.ckpt``.)
 """
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from recipe.checkpointing import AtomicCheckpointIO, remove
 from recipe.errors import ConfigError
+from recipe.lightning_compat import ResolvedDirCheckpoint, mark_sigterm_received
 
 _STEP = re.compile(r"^step=(\d+)\.ckpt$")
 
 
-class RecipeCheckpoint(ModelCheckpoint):
-    def __init__(self, dirpath: str, every_n_train_steps: int = 1000, keep_last: int = 3,
+class RecipeCheckpoint(ResolvedDirCheckpoint):
+    def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 1000, keep_last: int = 3,
                  keep_every: int | None = None, save_on_preemption: bool = True, async_save: bool = False,
                  filename: str = "step={step:08d}", auto_insert_metric_name: bool = False,
                  enable_version_counter: bool = False, **kwargs: Any) -> None:
         """
         Args:
-            dirpath: folder of the checkpoints (``last.ckpt`` and ``step=<n>.ckpt``).
+            dirpath: folder of the checkpoints (``last.ckpt`` and ``step=<n>.ckpt``); default
+                ``<trainer.default_root_dir>/checkpoints``.
             every_n_train_steps: optimizer steps between checkpoints.
             keep_last: step checkpoints kept besides ``last.ckpt`` (the newest ones).
             keep_every: also keep every checkpoint whose step is a multiple of this.
@@ -66,6 +73,10 @@ class RecipeCheckpoint(ModelCheckpoint):
         self.async_save = async_save
         self._previous_sigusr1: Any = None
 
+    def resolve_dirpath(self, trainer: L.Trainer) -> None:
+        if self.dirpath is None:
+            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         strategy = trainer.strategy
@@ -83,6 +94,8 @@ class RecipeCheckpoint(ModelCheckpoint):
 
     def step_checkpoints(self) -> list[tuple[int, Path]]:
         """``(step, path)`` of the step checkpoints in ``dirpath``, oldest first."""
+        if self.dirpath is None:  # not resolved yet: no trainer has set this callback up
+            return []
         folder = Path(self.dirpath)
         if not folder.is_dir():
             return []
@@ -114,9 +127,8 @@ class RecipeCheckpoint(ModelCheckpoint):
             # SLURM warning signal) joins the same path unless a handler is already set.
             current = signal.getsignal(signal.SIGUSR1)
             if current in (signal.SIG_DFL, None):
-                connector = trainer._signal_connector
                 self._previous_sigusr1 = current
-                signal.signal(signal.SIGUSR1, lambda *_: setattr(connector, "received_sigterm", True))
+                signal.signal(signal.SIGUSR1, lambda *_: mark_sigterm_received(trainer))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not (self.save_on_preemption and isinstance(exception, SIGTERMException)):

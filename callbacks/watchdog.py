@@ -51,11 +51,16 @@ class RankWatchdog(L.Callback):
         self._last_step = time.monotonic()
         self._rank = 0
 
+    @staticmethod
+    def ranks_dir(trainer: L.Trainer) -> Path:
+        """Where the runs of ``trainer`` register their ranks: ``<default_root_dir>/.ranks``."""
+        return Path(trainer.default_root_dir) / ".ranks"
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or trainer.world_size == 1:
             return
         run_id = trainer.strategy.broadcast(uuid.uuid4().hex if trainer.is_global_zero else None)
-        self.folder = Path(trainer.default_root_dir) / ".ranks" / run_id
+        self.folder = self.ranks_dir(trainer) / run_id
         self.folder.mkdir(parents=True, exist_ok=True)
         self._rank = trainer.global_rank
         info = {"rank": self._rank, "pid": os.getpid(), "host": socket.gethostname()}

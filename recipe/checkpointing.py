@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -208,7 +207,8 @@ def load_trusted(path: Path, map_location: Any = "cpu") -> Any:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """File checkpoints (one process, DDP, full-state FSDP) written atomically with a manifest."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + PARTIAL)
@@ -220,12 +220,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_manifest(manifest_path(path), {path.name: entry}, checkpoint.get("global_step"))
         os.replace(tmp, path)
 
-    def load_checkpoint(self, path: _PATH, map_location: Any | None = None,
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
         chosen = resolve_intact(Path(path))
         if weights_only is False:  # asked for explicitly by the caller
             return torch.load(chosen, map_location=map_location or "cpu", weights_only=False)
         return load_trusted(chosen, map_location=map_location or "cpu")
 
-    def remove_checkpoint(self, path: _PATH) -> None:
+    def remove_checkpoint(self, path: str | os.PathLike) -> None:
         remove(Path(path))

@@ -309,3 +309,19 @@ def test_the_batch_layout_rule():
         ParallelDims(dp_shard=2).check_batch(12, 16, 4)
     with pytest.raises(ConfigError, match="must all be >= 1"):
         ParallelDims(dp_shard=1).check_batch(0, 16, 1)
+
+
+def test_an_old_checkpoints_stage_starts_reach_the_plan():
+    """Before the run plan the recorded starts lived in the ContextLengthStages state."""
+    module = SimpleNamespace(arch=ModelArgs(max_seq_len=128), lr_schedule=SCHEDULE, optim_config=OptimizerConfig())
+    data = SimpleNamespace(global_batch_size=4, seq_len=16, micro_batch_size=2)
+    cb = ContextLengthStages([ContextStage(64, 256, batch_tokens=128), ContextStage(128, 512, batch_tokens=256)],
+                             start_tokens=128, val_loss_tolerance=0.1, niah_min_accuracy=None)
+    p = build_run_plan(SimpleNamespace(callbacks=[cb]), module, data)
+    assert "starts" not in cb.state_dict()  # the starts are the plan's state now
+    old = {"callbacks": {cb.state_key: {"starts": [128, 512], "reference": 7.0}}}
+    cb.on_load_checkpoint(None, SimpleNamespace(run_plan=p), old)
+    assert p.stage_starts == [128, 512] and p.layout_at(512) == (2, 128)
+    newer = gated()  # a checkpoint with the plan's own record: the module loaded it, the callback keeps out
+    cb.on_load_checkpoint(None, SimpleNamespace(run_plan=newer), {**old, "run_plan": {"context_starts": [128]}})
+    assert newer.stage_starts == [128]

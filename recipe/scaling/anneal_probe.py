@@ -122,8 +122,9 @@ def _anneal(checkpoint_path: Path, checkpoint: Mapping[str, Any], mix: dict[str,
         DataMixSchedule([MixStage(0, mix)]),
     ]
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=int(checkpoint["global_step"]) + anneal_steps,
-                        limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                        default_root_dir=str(logdir), limit_val_batches=0, num_sanity_val_steps=0,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        log_every_n_steps=1,
                         logger=TensorBoardLogger(save_dir=str(logdir), name="", version=""), callbacks=callbacks)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*data-mix schedule that differs.*")

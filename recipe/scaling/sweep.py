@@ -158,7 +158,8 @@ def train_run(config: SweepConfig, spec: RunSpec) -> dict[str, Any]:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=int(config.checkpoint_every),
                                          save_last=True, save_top_k=1))
     kwargs: dict[str, Any] = dict(
-        accelerator="cpu", devices=1, max_steps=spec.steps, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator="cpu", devices=1, max_steps=spec.steps, default_root_dir=str(folder), limit_val_batches=0,
+        num_sanity_val_steps=0,
         logger=TensorBoardLogger(save_dir=str(folder), name="", version="tb"), log_every_n_steps=1,
         enable_checkpointing=bool(config.checkpoint_every), enable_progress_bar=False,
         enable_model_summary=False, callbacks=callbacks,
