@@ -28,6 +28,9 @@ def check_fit(trainer: Any, module: Any, data: Any) -> None:
     from recipe.parallel.mesh import ParallelDims
     from recipe.plan import build_run_plan
 
+    from recipe.parallel.step import check_strategy
+
+    check_strategy(trainer.strategy)
     arch = module.arch
     world = int(trainer.num_devices) * int(trainer.num_nodes)
     dims = _mesh(trainer, arch, world)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from recipe.data.build import ensure_curated_data, ensure_demo_data, is_built
@@ -210,6 +211,18 @@ class TokenDataModule(L.LightningDataModule):
         return self._loader(self.val_stream())
 
     # ------------------------------------------------------------- resume
+    # The stream's bookkeeping entries: scalars and per-domain counts read on the host.
+    _HOST_ENTRIES = ("position", "next_position", "next_samples", "next_domain_positions", "domain_tokens")
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Keep the bookkeeping on the host as Python ints: only token tensors go to the device,
+        so reading a step's position never waits for the device."""
+        if isinstance(batch, dict):
+            for key in self._HOST_ENTRIES:
+                if isinstance(batch.get(key), torch.Tensor):
+                    batch[key] = batch[key].tolist()
+        return batch
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
         if trainer is not None and trainer.training and isinstance(batch, dict) and "next_position" in batch:
@@ -217,8 +230,7 @@ class TokenDataModule(L.LightningDataModule):
             self.position = int(batch["next_position"])
             if "next_samples" in batch:
                 self.samples = int(batch["next_samples"])
-                # One transfer for all domains (a device-to-host copy on GPU).
-                positions = batch["next_domain_positions"].tolist()
+                positions = batch["next_domain_positions"]  # a host list (on_before_batch_transfer)
                 self.domain_positions = dict(zip(self._train_set().domains, positions))
         return batch
 
