@@ -40,6 +40,7 @@ from torch.distributed.tensor import DTensor
 
 from recipe.errors import ConfigError
 from recipe.lightning_compat import attached_trainer, callback_state_key, saves_distributed_checkpoint
+from recipe.parallel import collectives
 
 _WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
@@ -301,8 +302,7 @@ class WeightAveraging(L.Callback):
         rank = dist.get_rank() if distributed else 0
         names: list[list[str]] = [list(params)]
         if distributed:
-            names = [None] * dist.get_world_size()  # type: ignore[list-item]
-            dist.all_gather_object(names, list(params))
+            names = collectives.all_gather_object(list(params))
         owner: dict[str, int] = {}
         for r, rank_names in enumerate(names):
             for name in rank_names:
@@ -314,8 +314,7 @@ class WeightAveraging(L.Callback):
                 full[name] = tensor
         if distributed and any(r != 0 for r in owner.values()):
             sent = {n: t for n, t in full.items() if owner[n] == rank} if rank != 0 else {}
-            gathered = [None] * dist.get_world_size() if rank == 0 else None
-            dist.gather_object(sent, gathered, dst=0)
+            gathered = collectives.gather_object(sent, dst=0)
             if rank == 0:
                 for part in gathered:  # type: ignore[union-attr]
                     full.update(part)
@@ -333,8 +332,7 @@ class WeightAveraging(L.Callback):
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, path)
-        if dist.is_initialized():
-            dist.barrier()
+        collectives.barrier()
 
 
 class EMAAveraging(WeightAveraging):

@@ -30,6 +30,7 @@ from typing import Any
 import lightning as L
 
 from recipe.errors import ConfigError
+from recipe.parallel import collectives
 
 
 class RankWatchdog(L.Callback):
@@ -59,14 +60,14 @@ class RankWatchdog(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or trainer.world_size == 1:
             return
-        run_id = trainer.strategy.broadcast(uuid.uuid4().hex if trainer.is_global_zero else None)
+        run_id = collectives.broadcast_object(uuid.uuid4().hex if trainer.is_global_zero else None)
         self.folder = self.ranks_dir(trainer) / run_id
         self.folder.mkdir(parents=True, exist_ok=True)
         self._rank = trainer.global_rank
         info = {"rank": self._rank, "pid": os.getpid(), "host": socket.gethostname()}
         (self.folder / f"rank{self._rank}.json").write_text(json.dumps(info))
         self._beat()
-        trainer.strategy.barrier()  # every rank is registered before anyone watches
+        collectives.barrier()  # every rank is registered before anyone watches
         self._thread = threading.Thread(target=self._watch, name="rank-watchdog", daemon=True)
         self._thread.start()
 

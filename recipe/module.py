@@ -158,14 +158,8 @@ class LlamaLightningModule(L.LightningModule):
         self._check_data_matches_model()
 
     def _check_data_matches_model(self) -> None:
-        dm = self.trainer.datamodule
-        seq_len = getattr(dm, "seq_len", None)
-        if seq_len is not None and seq_len > self.arch.max_seq_len:
-            raise ModelConfigError(
-                f"data.seq_len={seq_len} exceeds model.arch.max_seq_len={self.arch.max_seq_len}; "
-                "shorten data.seq_len or raise max_seq_len"
-            )
-        vocab = getattr(dm, "vocab_size", None)
+        # Sequence lengths are the run plan's to check (every layout it can produce).
+        vocab = getattr(self.trainer.datamodule, "vocab_size", None)
         if vocab is not None and vocab > self.arch.vocab_size:
             raise ModelConfigError(
                 f"the data was tokenized with a {vocab}-token vocabulary but model.arch.vocab_size="
