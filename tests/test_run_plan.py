@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -325,3 +326,28 @@ def test_an_old_checkpoints_stage_starts_reach_the_plan():
     newer = gated()  # a checkpoint with the plan's own record: the module loaded it, the callback keeps out
     cb.on_load_checkpoint(None, SimpleNamespace(run_plan=newer), {**old, "run_plan": {"context_starts": [128]}})
     assert newer.stage_starts == [128]
+
+
+@pytest.mark.parametrize("config", ["configs/llama3_8b.yaml", "configs/llama3_70b.yaml", "configs/llama3_405b.yaml",
+                                    "configs/llama3_405b_long_context.yaml"])
+def test_every_layout_of_a_shipped_gpu_config_fits_its_mesh(config):
+    """The GPU configs' plans (ramp, context stages, validation) against their own meshes."""
+    import yaml
+    from lightning.pytorch.cli import LightningCLI
+
+    from recipe.data.datamodule import TokenDataModule
+    from recipe.module import LlamaLightningModule
+
+    root = Path(__file__).resolve().parents[1]
+    trainer = yaml.safe_load((root / config).read_text())["trainer"]
+    world = trainer["devices"] * trainer.get("num_nodes", 1)
+    # Parsed for the CPU (no GPU here); the mesh is resolved for the config's own world.
+    cli = LightningCLI(LlamaLightningModule, TokenDataModule, run=False,
+                       args=["--config", str(root / config), "--trainer.accelerator", "cpu",
+                             "--trainer.devices", "1", "--trainer.num_nodes", "1"])
+    strategy, data = cli.trainer.strategy, cli.datamodule
+    dims = strategy.requested_dims.resolved(world)
+    plan = build_run_plan(cli.trainer, cli.model, data)
+    assert len(plan.layouts()) >= 2
+    plan.check_layout(lambda batch, seq_len: dims.check_batch(batch, seq_len, data.micro_batch_size,
+                                                              strategy.pp_schedule, strategy.pp_stages_per_rank))
