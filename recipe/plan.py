@@ -96,6 +96,21 @@ def paper_stages(total_tokens: int = 800_000_000_000) -> list[ContextStage]:
 # ---------------------------------------------------------------------------- settings
 
 
+def _stages_from_zero(stages: list, kind: type, owner: str, what: str) -> list:
+    """``stages`` as ``kind`` instances (YAML gives dicts), checked: the first at tokens=0, then increasing."""
+    if not stages:
+        raise ConfigError(f"{owner} needs at least one stage")
+    stages = [s if isinstance(s, kind) else kind(**s) for s in stages]
+    if stages[0].tokens != 0:
+        raise ConfigError(f"the first {what} stage must start at tokens=0, got {stages[0].tokens:,}")
+    for before, after in zip(stages, stages[1:]):
+        if after.tokens <= before.tokens:
+            raise ConfigError(
+                f"{what} thresholds must increase: {after.tokens:,} follows {before.tokens:,}; sort the stages"
+            )
+    return stages
+
+
 @dataclass
 class RampSettings:
     """The batch-size ramp (``callbacks.batch_ramp.BatchSizeRamp``): stages ordered by ``tokens``, the first at 0."""
@@ -103,16 +118,7 @@ class RampSettings:
     stages: list[RampStage]
 
     def __post_init__(self) -> None:
-        if not self.stages:
-            raise ConfigError("BatchSizeRamp needs at least one stage")
-        stages = [s if isinstance(s, RampStage) else RampStage(**s) for s in self.stages]
-        if stages[0].tokens != 0:
-            raise ConfigError(f"the first ramp stage must start at tokens=0, got {stages[0].tokens}")
-        for before, after in zip(stages, stages[1:]):
-            if after.tokens <= before.tokens:
-                raise ConfigError(
-                    f"ramp thresholds must increase: {after.tokens:,} follows {before.tokens:,}; sort the stages"
-                )
+        stages = _stages_from_zero(self.stages, RampStage, "BatchSizeRamp", "ramp")
         for s in stages:
             if s.seq_len <= 0 or s.batch_tokens <= 0 or s.batch_tokens % s.seq_len:
                 raise ConfigError(
@@ -203,16 +209,7 @@ class MixSettings:
     anneal_weights: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
-        if not self.stages:
-            raise ConfigError("DataMixSchedule needs at least one stage")
-        stages = [s if isinstance(s, MixStage) else MixStage(**s) for s in self.stages]
-        if stages[0].tokens != 0:
-            raise ConfigError(f"the first data-mix stage must start at tokens=0, got {stages[0].tokens:,}")
-        for before, after in zip(stages, stages[1:]):
-            if after.tokens <= before.tokens:
-                raise ConfigError(
-                    f"data-mix thresholds must increase: {after.tokens:,} follows {before.tokens:,}; sort the stages"
-                )
+        stages = _stages_from_zero(self.stages, MixStage, "DataMixSchedule", "data-mix")
         for s in stages:
             check_weights(s.weights, f"data-mix stage at {s.tokens:,} tokens")
         if self.anneal_weights is not None:
