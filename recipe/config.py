@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from recipe.errors import ConfigError, ModelConfigError
 
 
+ATTENTION_BACKENDS = ("auto", "dense", "segmented", "varlen", "flex")
+
+
 @dataclass
 class RopeScaling:
     """Llama 3.1 long-context frequency scaling (Meta's ``apply_scaling``)."""
@@ -40,6 +43,9 @@ class ModelArgs:
     # uses one std for every layer.
     depth_init: bool = True
     init_std: float = 0.02
+    # How attention runs (recipe/attention.py): auto | dense | segmented | varlen | flex.
+    # Every backend gives the same result; auto picks the fastest exact one for the device.
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -57,6 +63,9 @@ class ModelArgs:
                 f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}; "
                 "GQA needs n_kv_heads to divide n_heads"
             )
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ModelConfigError(f"model.attention={self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}; "
+                                   "auto picks the fastest exact backend for the device")
         if self.head_dim % 2:
             raise ModelConfigError(f"head dim {self.head_dim} (dim / n_heads) must be even for RoPE")
 
