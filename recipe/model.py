@@ -13,12 +13,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recipe.attention import AttentionPlan, attend, document_causal_mask
 from recipe.config import ModelArgs, RopeScaling
 from recipe.errors import ModelConfigError
+
+__all__ = ["ModelArgs", "RopeScaling", "Transformer", "AttentionPlan", "document_causal_mask"]
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -61,34 +65,6 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)
 
 
-# ----------------------------------------------------------------------------- masks
-
-
-def document_causal_mask(doc_ids: torch.Tensor | None, kv_doc_ids: torch.Tensor | None = None,
-                         q_positions: torch.Tensor | None = None,
-                         kv_positions: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Boolean attention mask ``[batch, 1, q_len, kv_len]``: causal and same-document.
-
-    Returns None when every row holds a single document and queries and keys share
-    positions, so attention can take SDPA's plain causal fast path. Explicit positions
-    let a context-parallel rank mask its local queries against all-gathered keys.
-    """
-    if doc_ids is None:
-        return None
-    kv_doc_ids = doc_ids if kv_doc_ids is None else kv_doc_ids
-    same_positions = q_positions is None and kv_positions is None
-    if same_positions and bool((doc_ids == doc_ids[:, :1]).all()):
-        return None
-    q_len, kv_len = doc_ids.shape[1], kv_doc_ids.shape[1]
-    if q_positions is None:
-        q_positions = torch.arange(q_len, device=doc_ids.device)
-    if kv_positions is None:
-        kv_positions = torch.arange(kv_len, device=doc_ids.device)
-    causal = q_positions.unsqueeze(-1) >= kv_positions.unsqueeze(-2)
-    same_doc = doc_ids.unsqueeze(-1) == kv_doc_ids.unsqueeze(-2)
-    return (same_doc & causal).unsqueeze(1)
-
-
 # ----------------------------------------------------------------------------- blocks
 
 
@@ -116,12 +92,13 @@ class Attention(nn.Module):
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
         self.head_dim = args.head_dim
+        self.backend = args.attention
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, plan: AttentionPlan,
                 cache: LayerCache | None = None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         # -1 instead of n_heads: under tensor parallelism each rank holds a slice of heads.
@@ -131,21 +108,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:  # decoding: the new queries also attend to every earlier position
             k, v = cache.append(k, v)
-        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        return self.wo(self.attend(q, k, v, plan).reshape(bsz, seqlen, -1))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Scaled dot-product attention on ``[batch, heads, seq, head_dim]`` tensors.
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        """Causal same-document attention on ``[batch, seq, heads, head_dim]`` tensors.
 
-        A separate method so context parallelism can swap in its all-gather K/V variant.
+        A separate method so context parallelism can all-gather K/V first. GQA needs no K/V
+        copies: every backend maps query-head groups onto their K/V head itself.
         """
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return attend(q, k, v, plan, self.backend)
 
 
 class FeedForward(nn.Module):
@@ -170,10 +141,10 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, plan: AttentionPlan,
                 cache: LayerCache | None = None) -> torch.Tensor:
         # `cache` by keyword: the tensor-parallel plan lays out the positional inputs only.
-        h = x + self.attention(self.attention_norm(x), rope, mask, cache=cache)
+        h = x + self.attention(self.attention_norm(x), rope, plan, cache=cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -254,39 +225,39 @@ class Transformer(nn.Module):
                 init_parameter(self.args, name, param, generator_for(name) if generator_for else None)
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, attention: AttentionPlan | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """tokens: [batch, seq] ids (or hidden states on a later pipeline stage).
 
-        doc_ids: [batch, seq] document of each token (None: one document per row).
-        positions: [seq] or [batch, seq] RoPE positions (None: 0..seq-1).
-        mask: a ready boolean attention mask ``[batch, 1, seq, kv_len]`` that replaces the
-            one derived from ``doc_ids`` (for callers whose keys are not the local tokens,
-            such as context parallelism).
+        attention: the micro-batch's ``AttentionPlan`` (document layout and query positions,
+            built on the host); training passes one so that no forward waits on the device.
+        doc_ids, positions: the direct-call alternative - ``[batch, seq]`` document of each
+            token (None: one document per row) and the queries' RoPE positions (None:
+            ``0..seq-1``); a plan is built from them (device tensors are copied to the host).
         cache: inference only - the new tokens follow the cached positions and attend to them
-            (one document; ``positions`` and ``mask`` are derived from the cache).
+            (one document).
         """
-        seqlen = tokens.shape[1]
+        bsz, seqlen = tokens.shape[:2]
         if cache is not None:
             start = cache.length
             if start + seqlen > cache.max_len:
                 raise ModelConfigError(f"{start + seqlen} positions exceed the KV cache's {cache.max_len}")
-            positions = torch.arange(start, start + seqlen, device=tokens.device)
-            # Causal over absolute positions: SDPA's is_causal would align the queries with key 0.
-            mask = (positions.unsqueeze(-1) >= torch.arange(start + seqlen, device=tokens.device))[None, None]
-        if positions is None and seqlen > self.args.max_seq_len:
-            raise ModelConfigError(
-                f"sequence length {seqlen} exceeds model.max_seq_len={self.args.max_seq_len}; "
-                "raise max_seq_len or shorten the data's seq_len"
-            )
+            attention = AttentionPlan(torch.zeros(bsz, start + seqlen, dtype=torch.long),
+                                      np.arange(start, start + seqlen))
+        elif attention is None:
+            if positions is None and seqlen > self.args.max_seq_len:
+                raise ModelConfigError(
+                    f"sequence length {seqlen} exceeds model.max_seq_len={self.args.max_seq_len}; "
+                    "raise max_seq_len or shorten the data's seq_len"
+                )
+            attention = AttentionPlan.from_inputs(bsz, seqlen, doc_ids, positions)
+        if attention.kv_len > self.args.max_seq_len:
+            raise ModelConfigError(f"sequence length {attention.kv_len} exceeds model.max_seq_len="
+                                   f"{self.args.max_seq_len}; raise max_seq_len or shorten the data's seq_len")
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        rope = self.rope[:seqlen].unsqueeze(0) if positions is None else self.rope[positions]
-        if rope.dim() == 3:
-            rope = rope.unsqueeze(0)
-        if mask is None:
-            mask = document_causal_mask(doc_ids)
+        rope = self.rope[attention.positions(self.rope.device)].unsqueeze(0)
         for key, layer in self.layers.items():
-            h = layer(h, rope, mask, cache=None if cache is None else cache.layers[key])
+            h = layer(h, rope, attention, cache=None if cache is None else cache.layers[key])
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

@@ -89,30 +89,44 @@ def test_indivisible_sequence_is_a_one_line_error() -> None:
         load_balance_indices(30, 2, 0)
 
 
-def test_local_mask_is_the_global_mask_restricted() -> None:
-    """Each rank's mask = the single-process mask's rows (local queries) and columns (gathered keys)."""
+def runs_mask(plan) -> torch.Tensor:
+    """The boolean mask ``[batch, 1, q, kv]`` that a plan's runs describe."""
+    mask = torch.zeros(plan.batch, 1, plan.q_len, plan.kv_len, dtype=torch.bool)
+    for row, qs, qe, ks, _ in plan.runs.tolist():
+        for i in range(qs, qe):
+            mask[row, 0, i, ks:int(plan.q_positions[i]) + 1] = True
+    return mask
+
+
+def test_local_plan_is_the_global_mask_restricted() -> None:
+    """Each rank's plan = the single-process mask's rows of its local queries, keys in position order."""
     tokens, doc_ids = packed_batch(0)
     inp, tgt, docs = tokens[:, :-1], tokens[:, 1:], doc_ids[:, :-1]
     full = document_causal_mask(docs)
     for cp in (2, 4):
-        kv = gathered_positions(SEQ, cp)
         for rank in range(cp):
             local = shard_sequence(inp, tgt, docs, cp, rank)
             idx = load_balance_indices(SEQ, cp, rank)
-            assert torch.equal(local["positions"], idx) and torch.equal(local["kv_positions"], kv)
+            assert torch.equal(torch.from_numpy(local["positions"]), idx)
             assert torch.equal(local["tokens"], inp[:, idx]) and torch.equal(local["targets"], tgt[:, idx])
-            assert torch.equal(local["kv_doc_ids"], docs[:, kv])
-            assert local["mask"].shape == (2, 1, SEQ // cp, SEQ)
-            assert torch.equal(local["mask"], full[:, :, idx][:, :, :, kv])
+            plan = local["attention"]
+            assert (plan.q_len, plan.kv_len) == (SEQ // cp, SEQ)
+            assert torch.equal(runs_mask(plan), full[:, :, idx])
+
+
+def test_gathered_keys_return_to_position_order() -> None:
+    for cp in (1, 2, 4):
+        gathered = gathered_positions(SEQ, cp).view(1, SEQ)
+        assert torch.equal(context.to_position_order(gathered, cp), torch.arange(SEQ).view(1, SEQ))
 
 
 def test_without_cp_nothing_changes() -> None:
     tokens, doc_ids = packed_batch(0)
     local = shard_for_context_parallel(tokens[:, :-1], tokens[:, 1:], doc_ids[:, :-1], None)
     assert torch.equal(local["tokens"], tokens[:, :-1])
-    assert torch.equal(local["mask"], document_causal_mask(doc_ids[:, :-1]))
+    assert torch.equal(runs_mask(local["attention"]), document_causal_mask(doc_ids[:, :-1]))
     # One document per row keeps SDPA's causal fast path.
-    assert shard_for_context_parallel(tokens[:, :-1], tokens[:, 1:], None, None)["mask"] is None
+    assert shard_for_context_parallel(tokens[:, :-1], tokens[:, 1:], None, None)["attention"].whole_rows
     model = Transformer(tiny_args())
     assert apply_context_parallel(model, None) is model
     assert all(type(m) is Attention for m in model.modules() if isinstance(m, Attention))
@@ -146,7 +160,7 @@ def _cp_step(model: Transformer, cp, group: dist.ProcessGroup, tokens: torch.Ten
              count: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """One micro-batch as the training step runs it; loss and grads summed over the cp group."""
     local = shard_for_context_parallel(tokens[:, :-1], tokens[:, 1:], doc_ids[:, :-1], cp)
-    logits = model(local["tokens"], positions=local["positions"], mask=local["mask"])
+    logits = model(local["tokens"], attention=local["attention"])
     loss = F.cross_entropy(logits.flatten(0, 1), local["targets"].flatten(), reduction="sum") / count
     loss.backward()
     grads = {n: _sum_over(group, p.grad) for n, p in model.named_parameters()}
@@ -159,7 +173,7 @@ def _gather_without_backward(group: dist.ProcessGroup):
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x.detach().contiguous(), group=group)
         parts[dist.get_rank(group)] = x  # only the local slice keeps its autograd path
-        return torch.cat(parts, dim=2)
+        return torch.cat(parts, dim=1)
     return gather
 
 
@@ -196,11 +210,11 @@ def _parity_case(cp, seed: int) -> dict[str, object]:
     control = _max_diffs(ref_loss.detach(), ref_grads, bad_loss, bad_grads)
     result.update({f"control_{k}": v for k, v in control.items()})
 
-    # Without the explicit mask, local queries cannot be aligned with the gathered keys.
+    # Without the shard's plan, local queries cannot be aligned with the gathered keys.
     try:
         model(tokens[:, :SEQ // 2])
         result["maskless"] = "ran"
-    except RuntimeError as err:
+    except ValueError as err:
         result["maskless"] = str(err)
     return result
 
@@ -222,7 +236,7 @@ def _world_of_two() -> list[dict[str, object]]:
     ref = model(tokens[:, :-1], doc_ids=doc_ids[:, :-1])
     same = apply_context_parallel(model, mesh)
     local = shard_for_context_parallel(tokens[:, :-1], tokens[:, 1:], doc_ids[:, :-1], mesh)
-    out = same(local["tokens"], positions=local["positions"], mask=local["mask"])
+    out = same(local["tokens"], attention=local["attention"])
     cases.append({"cp1_logits": (out - ref).abs().max().item(),
                   "cp1_plain": all(type(m) is Attention for m in same.modules() if isinstance(m, Attention))})
     return cases
@@ -244,7 +258,7 @@ def _check_parity(case: dict[str, object], cp_size: int) -> None:
     # The control still matches the loss but must fail the gradient check.
     assert case["control_loss"] < LOSS_ATOL, case
     assert case["control_grad_excess"] > 0 and case["control_grad"] > 10 * GRAD_ATOL, case
-    assert "explicit mask" in case["maskless"], case
+    assert "shard_for_context_parallel" in case["maskless"], case
 
 
 def test_context_parallel_matches_one_process_two_ranks() -> None:

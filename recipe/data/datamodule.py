@@ -223,6 +223,16 @@ class TokenDataModule(L.LightningDataModule):
                     batch[key] = batch[key].tolist()
         return batch
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move the batch to ``device`` except its document ids: attention plans are built
+        from them on the host (``recipe/attention.py``), so no forward waits on the device."""
+        if not isinstance(batch, dict) or "doc_ids" not in batch:
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        rest = {key: value for key, value in batch.items() if key != "doc_ids"}
+        moved = super().transfer_batch_to_device(rest, device, dataloader_idx)
+        moved["doc_ids"] = batch["doc_ids"]
+        return moved
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
         if trainer is not None and trainer.training and isinstance(batch, dict) and "next_position" in batch:

@@ -3,8 +3,8 @@
 Each of the ``cp`` ranks of a context-parallel group holds a slice of every sequence of
 the micro-batch. Attention all-gathers K and V over the group (small under GQA: only the
 ``n_kv_heads`` heads travel) and each rank attends with its local queries against the
-whole sequence. Chosen over ring attention because an explicit mask makes it exact for
-any mask, including the paper's same-document mask for packed sequences.
+whole sequence. Chosen over ring attention because, with the whole sequence's keys at
+hand, the paper's same-document mask for packed sequences stays exact.
 
 Load balancing: under a causal mask the late tokens do most of the work, so the sequence
 is cut into ``2 * cp`` chunks and rank ``i`` holds chunks ``i`` and ``2 * cp - 1 - i``
@@ -14,13 +14,14 @@ Training-step contract (per micro-batch, on every rank of the cp group)::
 
     model = apply_context_parallel(model, cp_mesh)          # once, before fully_shard
     local = shard_for_context_parallel(tokens[:, :-1], tokens[:, 1:], doc_ids[:, :-1], cp_mesh)
-    logits = model(local["tokens"], positions=local["positions"], mask=local["mask"])
+    logits = model(local["tokens"], attention=local["attention"])
     loss = F.cross_entropy(logits.flatten(0, 1), local["targets"].flatten(), reduction="sum")
     (loss / global_token_count).backward()
 
 * ``tokens``/``targets``/``doc_ids`` are the *full* rows ``[batch, seq]``, identical on every
   rank of the cp group (the data loader shards over data-parallel ranks only), and ``seq``
-  must be divisible by ``2 * cp``.
+  must be divisible by ``2 * cp``. ``doc_ids`` stay on the host: the attention plan is built
+  from them there.
 * ``global_token_count`` is the number of targets of the whole global batch (all
   micro-batches, all data-parallel ranks), not of the local shard: each cp rank sums the
   cross-entropy of its own tokens, so the cp ranks' losses add up to the batch loss.
@@ -30,16 +31,20 @@ Training-step contract (per micro-batch, on every rank of the cp group)::
   differentiable for that reason: its backward reduce-scatters the K/V gradients back to
   the ranks whose tokens produced them. A non-differentiable gather still gives the right
   loss but wrong gradients.
-* With pipeline parallelism, shard the tokens once and pass ``positions`` and ``mask`` to
-  every stage; later stages receive local hidden states ``[batch, seq / cp, dim]``.
-* With cp size 1 (or no group) nothing changes: the rows come back whole, the mask is the
-  model's own document mask, and ``apply_context_parallel`` leaves the model alone.
+* With pipeline parallelism, pass the plan to every stage (the schedule splits it by rows);
+  later stages receive local hidden states ``[batch, seq / cp, dim]``.
+* With cp size 1 (or no group) nothing changes: the rows come back whole and the plan is
+  the single-process one; ``apply_context_parallel`` leaves the model alone.
 
-The mask is a dense bool ``[batch, 1, seq / cp, seq]``: fine for the sequence lengths a CPU
-or a single node trains at; very long contexts want a fused document-masked kernel instead.
+No mask is built: the gathered K/V are put back in position order and the attention plan
+describes each local query's keys as a contiguous range (its document's start to itself),
+so every backend computes only the pairs that count, and the head-tail chunks balance the
+work of causal attention across ranks.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,7 +53,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from recipe.errors import RecipeError
 from recipe.parallel import collectives
-from recipe.model import Attention, document_causal_mask
+from recipe.attention import AttentionPlan
+from recipe.model import Attention
 
 CpGroup = DeviceMesh | dist.ProcessGroup | None
 """A 1-D cp mesh, a mesh with a ``"cp"`` dimension, a process group, or None (no cp)."""
@@ -114,8 +120,8 @@ def cp_size_and_rank(cp: CpGroup) -> tuple[int, int]:
 
 
 def shard_for_context_parallel(tokens: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None,
-                               cp: CpGroup) -> dict[str, torch.Tensor | None]:
-    """This rank's slice of a micro-batch, with its RoPE positions and attention mask.
+                               cp: CpGroup) -> dict[str, Any]:
+    """This rank's slice of a micro-batch, with its attention plan.
 
     Inputs are the full rows ``[batch, seq]`` (the same on every cp rank); ``doc_ids=None``
     means one document per row. See ``shard_sequence`` for what comes back.
@@ -125,41 +131,37 @@ def shard_for_context_parallel(tokens: torch.Tensor, targets: torch.Tensor, doc_
 
 
 def shard_sequence(tokens: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None,
-                   cp_size: int, cp_rank: int) -> dict[str, torch.Tensor | None]:
+                   cp_size: int, cp_rank: int) -> dict[str, Any]:
     """``shard_for_context_parallel`` for an explicit (size, rank). Returns:
 
-    * ``tokens``, ``targets``, ``doc_ids``: ``[batch, seq / cp]`` local slices;
-    * ``positions``: ``[seq / cp]`` global positions of the local tokens (index the RoPE table);
-    * ``kv_positions``, ``kv_doc_ids``: positions ``[seq]`` and documents ``[batch, seq]`` of
-      the keys in the order the K/V all-gather produces (rank-major);
-    * ``mask``: ``[batch, 1, seq / cp, seq]`` causal + same-document, local queries vs
-      gathered keys (None only without cp and with one document per row: SDPA's causal path).
+    * ``tokens``, ``targets``: ``[batch, seq / cp]`` local slices (on their device);
+    * ``positions``: host ``[seq / cp]`` global positions of the local tokens;
+    * ``attention``: the ``AttentionPlan`` of the local queries against the whole rows.
 
-    No communication: every rank holds the full rows, so the gathered order is computed locally.
+    No communication, and no device work beyond slicing: the plan comes from host ids.
     """
     if targets.shape != tokens.shape or (doc_ids is not None and doc_ids.shape != tokens.shape):
         raise ContextParallelError(
             f"tokens {tuple(tokens.shape)}, targets {tuple(targets.shape)} and doc_ids "
             f"{None if doc_ids is None else tuple(doc_ids.shape)} must all be [batch, seq]"
         )
-    seq_len, device = tokens.shape[1], tokens.device
-    if cp_size == 1:
-        # Unchanged model inputs: the whole rows and the model's own document mask.
-        whole = torch.arange(seq_len, device=device)
-        return {"tokens": tokens, "targets": targets, "doc_ids": doc_ids, "positions": whole,
-                "kv_positions": whole, "kv_doc_ids": doc_ids, "mask": document_causal_mask(doc_ids)}
+    seq_len = tokens.shape[1]
     if doc_ids is None:
-        # Without document ids the mask is purely causal; one document id per row gives that.
-        doc_ids = torch.zeros_like(tokens)
-    local = load_balance_indices(seq_len, cp_size, cp_rank).to(device)
-    kv_positions = gathered_positions(seq_len, cp_size).to(device)
-    local_doc_ids = doc_ids[:, local]
-    kv_doc_ids = doc_ids[:, kv_positions]
-    return {
-        "tokens": tokens[:, local], "targets": targets[:, local], "doc_ids": local_doc_ids,
-        "positions": local, "kv_positions": kv_positions, "kv_doc_ids": kv_doc_ids,
-        "mask": document_causal_mask(local_doc_ids, kv_doc_ids, local, kv_positions),
-    }
+        doc_ids = torch.zeros(tokens.shape, dtype=torch.long)
+    elif doc_ids.device.type != "cpu":
+        doc_ids = doc_ids.cpu()  # a caller outside the data module: one wait for the device
+    if cp_size == 1:
+        plan = AttentionPlan(doc_ids)
+        return {"tokens": tokens, "targets": targets, "positions": plan.q_positions, "attention": plan}
+    local = load_balance_indices(seq_len, cp_size, cp_rank)
+    chunk = seq_len // (2 * cp_size)
+    first, last = int(local[0]), int(local[chunk])
+
+    def take(x: torch.Tensor) -> torch.Tensor:  # two slices: no index tensor on the device
+        return torch.cat((x[:, first:first + chunk], x[:, last:last + chunk]), dim=1)
+
+    plan = AttentionPlan(doc_ids, local.numpy())
+    return {"tokens": take(tokens), "targets": take(targets), "positions": plan.q_positions, "attention": plan}
 
 
 def unshard_sequence(local: torch.Tensor, cp: CpGroup, seq_dim: int = 1) -> torch.Tensor:
@@ -171,24 +173,31 @@ def unshard_sequence(local: torch.Tensor, cp: CpGroup, seq_dim: int = 1) -> torc
     if size == 1:
         return local
     gathered = torch.cat(collectives.all_gather(local, resolve_cp_group(cp)), dim=seq_dim)
-    order = gathered_positions(gathered.shape[seq_dim], size).to(gathered.device)
-    # gathered[..., j, ...] holds global position order[j]: scatter it back into place.
-    out = torch.empty_like(gathered)
-    out.index_copy_(seq_dim, order, gathered)
-    return out
+    return to_position_order(gathered.movedim(seq_dim, 1), size).movedim(1, seq_dim)
 
 
 # ----------------------------------------------------------------------------- attention
 
 
 def all_gather_sequence(x: torch.Tensor, group: dist.ProcessGroup | str) -> torch.Tensor:
-    """Differentiable all-gather of ``[batch, heads, seq, head_dim]`` along seq, rank order.
+    """Differentiable all-gather of ``[batch, seq, heads, head_dim]`` along seq, rank order.
 
     The functional collective's backward is a reduce-scatter (sum): each rank gets back the
     gradient that every rank's queries sent to its keys and values. (Its first call
     imports torch._dynamo, a few seconds once per process.)
     """
-    return collectives.all_gather_autograd(x, 2, group)
+    return collectives.all_gather_autograd(x, 1, group)
+
+
+def to_position_order(gathered: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """Reorder an all-gathered ``[batch, seq, ...]`` from rank order to position order.
+
+    Rank ``r`` contributed chunks ``r`` and ``2 * cp - 1 - r``; one copy puts the ``2 * cp``
+    chunks back in order, so a document's keys are one contiguous range for the attention.
+    """
+    chunks = gathered.chunk(2 * cp_size, dim=1)  # rank r's two chunks are 2r and 2r + 1
+    order = [chunks[2 * j] if j < cp_size else chunks[2 * (2 * cp_size - 1 - j) + 1] for j in range(2 * cp_size)]
+    return torch.cat(order, dim=1)
 
 
 class ContextParallelAttention(Attention):
@@ -201,14 +210,16 @@ class ContextParallelAttention(Attention):
     cp_group_name: str
     cp_size: int
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if mask is None:
-            # SDPA's is_causal would align local queries with the first local keys: wrong.
-            raise RuntimeError("context-parallel attention needs the explicit mask from shard_for_context_parallel")
-        # Gather the n_kv_heads K/V before GQA's repeat: cp x smaller than repeated heads.
-        k = all_gather_sequence(k, self.cp_group_name)
-        v = all_gather_sequence(v, self.cp_group_name)
-        return super().attend(q, k, v, mask)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        if plan.kv_len != q.shape[1] * self.cp_size:
+            raise ContextParallelError(
+                f"context-parallel attention got a plan for {plan.kv_len} keys but gathers {q.shape[1] * self.cp_size}: "
+                "pass the attention plan of shard_for_context_parallel"
+            )
+        # Gather only the n_kv_heads K/V heads (GQA): cp x smaller than the query heads.
+        k = to_position_order(all_gather_sequence(k, self.cp_group_name), self.cp_size)
+        v = to_position_order(all_gather_sequence(v, self.cp_group_name), self.cp_size)
+        return super().attend(q, k, v, plan)
 
     def extra_repr(self) -> str:
         return f"cp_size={self.cp_size}"

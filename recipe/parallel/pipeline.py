@@ -8,13 +8,15 @@ and therefore checkpoints do not depend on the layout) and sets ``tok_embeddings
 ``norm`` / ``output`` to ``None`` where it does not own them; the model's own ``forward``
 then treats its input as hidden states and skips the head.
 
-Document ids reach every stage as a *keyword argument* of ``schedule.step`` (the way
-torchtitan passes its attention masks): the schedule splits keyword tensors into
-micro-batches exactly like the inputs and hands micro-batch ``i``'s slice to every local
-stage, so each stage builds the same document mask as the single-process model without
-sending an integer tensor through the pipeline's point-to-point path. Every pipeline rank
-of a data-parallel group therefore gets the whole step batch (tokens and doc ids), which it
-has anyway: the last stage needs the targets and the first the inputs.
+The attention plan (``recipe/attention.py``: document layout and query positions, built on
+the host) reaches every stage as a *keyword argument* of ``schedule.step`` (the way
+torchtitan passes its attention masks): it is a pytree node whose leaf is the host document
+ids, so the schedule splits it into micro-batches exactly like the inputs and hands
+micro-batch ``i``'s plan to every local stage, and each stage attends exactly as the
+single-process model does without sending anything through the pipeline's point-to-point
+path. Every pipeline rank of a data-parallel group therefore gets the whole step batch
+(tokens and doc ids), which it has anyway: the last stage needs the targets and the first
+the inputs.
 
 Loss contract: on the last stage each micro-batch contributes
 ``sum(token cross-entropy) / normalizer`` where ``normalizer`` is the number of target
@@ -30,6 +32,7 @@ import copy
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,6 +46,7 @@ from torch.distributed.pipelining.schedules import (
     get_schedule_class,
 )
 
+from recipe.attention import AttentionPlan
 from recipe.errors import RecipeError
 from recipe.parallel import collectives
 
@@ -230,13 +234,13 @@ def broadcast_loss(loss: torch.Tensor | None, pp_group: dist.ProcessGroup | Devi
 class _Batch:
     """One step's batch flattened to rows, with the micro-batch count it splits into.
 
-    ``stage_kwargs`` are row-aligned tensors every stage receives for its micro-batch
-    (document ids, or the positions and mask of a context-parallel shard).
+    ``stage_kwargs`` are row-aligned values every stage receives for its micro-batch
+    (the attention plan, which the schedule splits by rows like a tensor).
     """
 
     inputs: torch.Tensor
     labels: torch.Tensor
-    stage_kwargs: dict[str, torch.Tensor]
+    stage_kwargs: dict[str, Any]
     n_microbatches: int
 
     @property
@@ -382,7 +386,8 @@ class PipelineRunner:
         # Contiguous slices: gloo refuses to send a strided tensor, and a custom stage that
         # forwards its inputs would otherwise fail only on the wire.
         tokens = tokens.to(self.device)
-        kwargs = {"doc_ids": doc_ids[:, :-1].to(self.device).contiguous()} if doc_ids is not None else {}
+        docs = doc_ids[:, :-1].cpu() if doc_ids is not None else torch.zeros(tokens[:, :-1].shape, dtype=torch.long)
+        kwargs = {"attention": AttentionPlan(docs)}
         return _Batch(inputs=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), stage_kwargs=kwargs,
                       n_microbatches=n_microbatches)
 
@@ -411,7 +416,7 @@ class PipelineRunner:
         return self._run(self._schedule(batch.key, train=True), batch, train=True)
 
     def step_local(self, inputs: torch.Tensor, labels: torch.Tensor, n_microbatches: int,
-                   normalizer: float | torch.Tensor, **stage_kwargs: torch.Tensor) -> torch.Tensor | None:
+                   normalizer: float | torch.Tensor, **stage_kwargs: Any) -> torch.Tensor | None:
         """:meth:`step` for inputs already cut by the caller, e.g. a context-parallel shard.
 
         inputs, labels: ``[rows, seq]``; each of ``stage_kwargs`` is row-aligned (``[rows, ...]``)
@@ -419,19 +424,17 @@ class PipelineRunner:
         """
         if inputs.shape[0] % n_microbatches:
             raise PipelineError(f"{inputs.shape[0]} rows do not split into {n_microbatches} equal micro-batches")
-        kwargs = {k: v.to(self.device).contiguous() for k, v in stage_kwargs.items()}
         batch = _Batch(inputs=inputs.to(self.device).contiguous(), labels=labels.to(self.device).contiguous(),
-                       stage_kwargs=kwargs, n_microbatches=n_microbatches)
+                       stage_kwargs=_on_device(stage_kwargs, self.device), n_microbatches=n_microbatches)
         self._normalizer = normalizer
         return self._run(self._schedule(batch.key, train=True), batch, train=True)
 
     @torch.no_grad()
     def evaluate_local(self, inputs: torch.Tensor, labels: torch.Tensor, n_microbatches: int,
-                       normalizer: float | torch.Tensor = 1.0, **stage_kwargs: torch.Tensor) -> torch.Tensor | None:
+                       normalizer: float | torch.Tensor = 1.0, **stage_kwargs: Any) -> torch.Tensor | None:
         """:meth:`evaluate` for inputs already cut by the caller (see :meth:`step_local`)."""
-        kwargs = {k: v.to(self.device).contiguous() for k, v in stage_kwargs.items()}
         batch = _Batch(inputs=inputs.to(self.device).contiguous(), labels=labels.to(self.device).contiguous(),
-                       stage_kwargs=kwargs, n_microbatches=n_microbatches)
+                       stage_kwargs=_on_device(stage_kwargs, self.device), n_microbatches=n_microbatches)
         logits = self._run(self._schedule(batch.key, train=False), batch, train=False)
         return self.loss_fn(logits, batch.labels) / normalizer if logits is not None else None
 
@@ -446,6 +449,11 @@ class PipelineRunner:
         batch = self._prepare(tokens, doc_ids, n_microbatches)
         logits = self._run(self._schedule(batch.key, train=False), batch, train=False)
         return self.loss_fn(logits, batch.labels) / normalizer if logits is not None else None
+
+
+def _on_device(stage_kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors moved (contiguous: gloo refuses strided sends); attention plans stay on the host."""
+    return {k: v.to(device).contiguous() if isinstance(v, torch.Tensor) else v for k, v in stage_kwargs.items()}
 
 
 class StageUnion(nn.Module):

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from recipe.attention import AttentionPlan
 from recipe.errors import ConfigError
 from recipe.parallel import collectives
 from recipe.parallel.clip import clip_grad_norm
@@ -46,6 +47,12 @@ def as_local(value: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def host_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Document ids on the host, where attention plans are built (the recipe's data module
+    keeps them there; ids a custom one moved to the device cost one wait per step)."""
+    return doc_ids if doc_ids.device.type == "cpu" else doc_ids.cpu()
 
 
 def masked_targets(targets: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
@@ -134,24 +141,22 @@ class StepPath:
     # ------------------------------------------------------------------ cutting
 
     def cut(self, tokens: torch.Tensor, doc_ids: torch.Tensor,
-            loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """This rank's ``(inputs, targets, model keywords)`` of rows ``[rows, seq_len + 1]``."""
-        inputs, docs = tokens[:, :-1], doc_ids[:, :-1]
-        targets = masked_targets(tokens[:, 1:], loss_mask)
+            loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """This rank's ``(inputs, targets, model keywords)`` of rows ``[rows, seq_len + 1]``.
+
+        ``doc_ids`` are host tensors: the micro-batch's attention plan (which every layer,
+        and under pipeline parallelism every stage, reuses) is built from them without
+        waiting on the device. It carries the queries' positions too, so a later pipeline
+        stage, which sees only hidden states, still knows where its tokens sit.
+        """
+        inputs, targets = tokens[:, :-1], masked_targets(tokens[:, 1:], loss_mask)
+        docs = doc_ids[:, :-1]
         if self.cp_group is not None:
             from recipe.parallel.context import shard_for_context_parallel
 
             local = shard_for_context_parallel(inputs, targets, docs, self.cp_group)
-            positions = local["positions"]
-            if self.pipeline is not None:  # stage keywords are split by rows like the inputs
-                positions = positions.expand(inputs.shape[0], -1)
-            return local["tokens"], local["targets"], {"positions": positions, "mask": local["mask"]}
-        if self.pipeline is not None:
-            # Explicit positions: a later stage sees only hidden states, sequence-sharded
-            # under tensor parallelism, so it cannot infer the sequence length.
-            positions = torch.arange(inputs.shape[1], device=inputs.device).expand(inputs.shape[0], -1)
-            return inputs, targets, {"positions": positions, "doc_ids": docs}
-        return inputs, targets, {"doc_ids": docs}
+            return local["tokens"], local["targets"], {"attention": local["attention"]}
+        return inputs, targets, {"attention": AttentionPlan(docs)}
 
     # ------------------------------------------------------------------ running
 
@@ -194,7 +199,7 @@ class StepPath:
         Gradients accumulate into the parameters; the caller clips and steps.
         """
         self._prepare_ddp()
-        tokens, doc_ids = batch["tokens"], batch["doc_ids"]
+        tokens, doc_ids = batch["tokens"], host_ids(batch["doc_ids"])
         normalizer = self.global_targets(tokens)
         n_micro = tokens.shape[0]
         local = torch.zeros((), device=self.device)
@@ -221,7 +226,7 @@ class StepPath:
         Reduce them with :meth:`mean_loss`. An optional ``loss_mask``
         ``[n_micro, micro_batch, seq_len]`` picks the targets scored.
         """
-        tokens, doc_ids, mask = batch["tokens"], batch["doc_ids"], batch.get("loss_mask")
+        tokens, doc_ids, mask = batch["tokens"], host_ids(batch["doc_ids"]), batch.get("loss_mask")
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
         with self._loss_context():
