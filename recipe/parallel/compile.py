@@ -7,6 +7,11 @@ pipeline split and activation checkpointing keep working on block boundaries.
 ``Module.compile`` compiles in place, so parameter names (and with them checkpoints)
 are unchanged. Apply after TP, CP and activation checkpointing, before FSDP.
 
+Attention stays outside the graphs (``recipe.attention.attend`` is ``compiler.disable``d):
+its per-batch document runs are host data that a graph would specialise on, and every
+backend calls a fused kernel of its own. So a block compiles into two graphs, before and
+after attention, which is why ``fullgraph`` is off.
+
 On CPU the graphs go through inductor's C++ backend (a C++ compiler must be installed);
 whether that beats eager depends on the machine - ``bench/compile.py`` measures it.
 """
@@ -28,7 +33,7 @@ def check_compile_layout(tp: int) -> None:
                           "in backward); use compile with fsdp/cp/pp only, or set compile: false")
 
 
-def apply_compile(model: Transformer, device_type: str = "cpu", tp: int = 1, fullgraph: bool = True) -> int:
+def apply_compile(model: Transformer, device_type: str = "cpu", tp: int = 1, fullgraph: bool = False) -> int:
     """Compile each block of ``model`` in place; returns the number of blocks compiled."""
     check_compile_layout(tp)
     if device_type == "cpu" and shutil.which("c++") is None and shutil.which("g++") is None:
