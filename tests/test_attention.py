@@ -258,3 +258,45 @@ def test_model_under_cp_and_tp_matches_one_process(world: int, fn) -> None:
     for rank_result in run_world(fn, world):
         for layout, diffs in rank_result.items():
             assert diffs["loss"] < 1e-6 and diffs["grad"] < ATOL, (layout, diffs)
+
+
+def emulated_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1),
+                         enable_gqa=False, **_):
+    """torch's flash ``varlen_attn`` on CPU, as its docs define it: packed ``[tokens, heads, dim]``
+    sequences, causal (``window_size=(-1, 0)``) aligned at the bottom right as flash does."""
+    assert window_size == (-1, 0) and enable_gqa and cu_seq_q.dtype == torch.int32
+    outs = []
+    for i in range(len(cu_seq_q) - 1):
+        q = query[cu_seq_q[i]:cu_seq_q[i + 1]].transpose(0, 1)
+        k = key[cu_seq_k[i]:cu_seq_k[i + 1]].transpose(0, 1)
+        v = value[cu_seq_k[i]:cu_seq_k[i + 1]].transpose(0, 1)
+        assert q.shape[1] <= max_q and k.shape[1] <= max_k
+        lq, lk = q.shape[1], k.shape[1]
+        mask = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("cp,rank", [(1, 0), (2, 0), (4, 3)])
+def test_varlen_groups_cover_the_runs(monkeypatch, cp: int, rank: int) -> None:
+    """The cumulative lengths and slices handed to varlen_attn reproduce the reference.
+
+    The kernel is CUDA-only; here it is emulated by its documented semantics, so what this
+    checks is the plan's grouping and slicing.
+    """
+    import torch.nn.attention.varlen as varlen
+
+    from recipe.attention import varlen_attention
+
+    monkeypatch.setattr(varlen, "varlen_attn", emulated_varlen_attn)
+    doc_ids = packed_doc_ids(3, SEQ, seed=11)
+    positions = load_balance_indices(SEQ, cp, rank).numpy()
+    tensors = [t.detach() for t in qkv(3, len(positions), SEQ, 8, 2, seed=3)]
+    plan = AttentionPlan(doc_ids, positions)
+    out = varlen_attention(*tensors, plan)
+    ref = attend(*tensors, AttentionPlan(doc_ids, positions), "dense")
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    groups = plan._device_cache[("varlen", torch.device("cpu"))]
+    # Without cp one call; under it at most one per row and chunk (a row's last chunk and the
+    # next row's first one join when both end and start their rows).
+    assert len(groups) == 1 if cp == 1 else 1 < len(groups) <= 3 * 2
