@@ -3,6 +3,10 @@
 One reference run in this process, then one 4-rank world that trains the same model from
 the same weights on the same data under each layout with the real Trainer, strategy and
 LightningModule. Per-step losses, gradient norms and the final parameters must match.
+
+The corpus is many short documents (``short_documents``), so every trained row packs
+several of them: the document mask is part of what each layout must reproduce, with
+boundaries inside and across context-parallel chunks and documents running across rows.
 """
 
 import os
@@ -21,11 +25,12 @@ from recipe.model import ModelArgs
 from recipe.module import LlamaLightningModule
 from recipe.config import OptimizerConfig
 from recipe.config import LRSchedule
-from stdlib_corpus import stdlib_corpus
+from short_documents import packing_stats, row_documents, short_documents_corpus
 
 ARCH = dict(dim=64, n_layers=4, n_heads=8, n_kv_heads=4, multiple_of=32, ffn_dim_multiplier=None, max_seq_len=64)
 DATA = dict(seq_len=16, global_batch_size=8, micro_batch_size=2, val_batches=0, build_demo=False)
 STEPS = 3
+CP_CHUNKS = 4  # cp=2 cuts each row into 2 * cp load-balancing chunks
 # 128-token steps of 16-token sequences, then (from 256 tokens on) 256-token steps of 32.
 RAMP = [RampStage(0, 128, 16), RampStage(256, 256, 32)]
 
@@ -66,12 +71,14 @@ LAYOUTS = {
 
 
 class Recorder(L.Callback):
-    """Per-step loss and gradient norm, and the full gradients of the first step."""
+    """Per-step loss and gradient norm, the full gradients of the first step, and the
+    document ids of every row this rank trained on."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.grad_norms: list[float] = []
         self.first_grads: dict[str, torch.Tensor] = {}
+        self.rows: list[list[int]] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step == 0:
@@ -80,6 +87,7 @@ class Recorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
         self.grad_norms.append(float(trainer.callback_metrics["train/grad_norm"]))
+        self.rows.extend(row_documents(batch["doc_ids"]))
 
 
 def make_module() -> LlamaLightningModule:
@@ -98,7 +106,7 @@ def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def summary(module: LlamaLightningModule, recorder: "Recorder") -> dict:
     return {"losses": recorder.losses, "grad_norms": recorder.grad_norms, "grads": recorder.first_grads,
-            "params": full_tensors(dict(module.model.named_parameters()))}
+            "params": full_tensors(dict(module.model.named_parameters())), "rows": recorder.rows}
 
 
 def fit(module, data_dir: Path, strategy="auto", devices: int = 1, max_steps: int = STEPS,
@@ -143,7 +151,7 @@ def _fit_layouts(data_dir: str, layouts: dict, resume: dict | None = None) -> di
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
-    corpus = stdlib_corpus(root / "corpus", ["textwrap.py", "fnmatch.py", "bisect.py", "colorsys.py"])
+    corpus = short_documents_corpus(root / "corpus" / "documents.jsonl")
     data_dir = root / "shards"
     build_shards(corpus, data_dir, val_fraction=0.25)
     reference = make_module()
@@ -156,6 +164,14 @@ def setup(tmp_path_factory):
     assert len(ref["losses"]) == STEPS and moved > 1e-4
     ramped = make_module()
     ref["ramp"] = summary(ramped, fit(ramped, data_dir, ramp=True))
+    # Every trained row (16-token rows, and the ramp's 32-token ones) packs several
+    # documents, cut inside and across the chunks context parallelism splits it into.
+    for run in (ref, ref["ramp"]):
+        stats = packing_stats(run["rows"], CP_CHUNKS)
+        assert stats["rows"] == STEPS * DATA["global_batch_size"], stats
+        assert stats["min_documents"] >= 2, stats
+        assert stats["boundaries_inside_chunks"] >= stats["rows"], stats
+        assert stats["documents_across_chunks"] >= stats["rows"] and stats["documents_across_rows"] > 0, stats
     return data_dir, ref
 
 
@@ -176,6 +192,7 @@ def test_every_layout_matches_one_process(setup, world):
     per_rank = run_world(_fit_layouts, world, init_pg=False, data_dir=str(data_dir), layouts=LAYOUTS[world])
     for name, got in merge_ranks(per_rank).items():
         ref = reference["ramp"] if LAYOUTS[world][name].get("ramp") else reference
+        assert got["rows"] and min(len(set(row)) for row in got["rows"]) >= 2, name  # packed rows here too
         assert got["losses"] == pytest.approx(ref["losses"], abs=1e-5, rel=0), name
         # The norm sums ~9M squared entries in a layout-dependent order; a wrong reduction
         # (double-counted replicas, a missing shard) is off by percents, not 1e-4.
