@@ -5,7 +5,8 @@ recipe's Trainer path, the second step, after AdamW's state exists) measured per
 ``recipe.memory.LiveTensorMemory`` on CPU ranks (gloo), fp32 unless marked bf16:
 
 * planner validation: the layouts of ``tests/test_planner_memory.py`` (one process, FSDP,
-  FSDP with bf16 compute, TP, CP, PP with 1F1B and GPipe on 2 ranks), measured peak vs
+  FSDP with bf16 compute, TP, CP, PP with 1F1B and GPipe on 2 ranks; rows of one document
+  and packed rows, the dense-mask reference in one process), measured peak vs
   ``recipe.planner.estimate`` for that rank; the FSDP and CP runs below are listed too;
 * FSDP2: a model whose parameter state outweighs its activations (20M parameters, 256
   tokens per rank) on 1, 2 and 4 ranks. The ideal per rank is ``16 x params / ranks``
@@ -15,13 +16,15 @@ recipe's Trainer path, the second step, after AdamW's state exists) measured per
   the worst rank's peak over that ideal. What FSDP adds is the reduce-scatter of the
   output head's gradients (unsharded, the copy the collective sends, and on gloo one more
   full-size copy inside the collective) while the activations are still alive;
-* CP: a 2-layer model at 4,096 tokens, cp = 1 (one process) against cp = 2. "Activation
-  memory" is a rank's peak minus what it held when the step began. With packed documents
-  both run the same dense-mask attention, and the ratio shows what context parallelism
-  saves (ideal 0.5: the keys and values it all-gathers are the difference). With one
-  document per row cp = 1 takes SDPA's fused causal kernel, while cp = 2 still needs an
-  explicit mask (its queries are not the keys' first positions), whose fp32 bias SDPA
-  keeps per layer: shown as a second row.
+* CP: a 2-layer model at 4,096 tokens, cp = 1 (one process) against cp = 2, with packed
+  rows (three documents) and with one document per row, the default attention (segmented
+  on CPU: no mask at any cp). "Activation memory" is a rank's peak minus what it held
+  when the step began; the headline is the busiest cp = 2 rank over cp = 1 (target
+  <= 0.55, ideal 0.5). What keeps it above 0.5: each cp = 2 rank keeps, per layer, the
+  whole sequence's K and V (n_kv_heads, all-gathered and put in position order), and
+  its attention output twice (its two chunks are separate kernel calls, concatenated).
+  At cp = 1 one document per row is one causal call, while packed rows are one call per
+  document, so packed rows keep the output twice at cp = 1 too and come closer to 0.5.
 
     python bench/memory.py [--quick] [--json out.json]
 
@@ -52,6 +55,7 @@ FSDP_SEQ = 256
 CP_ARGS = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
                     ffn_dim_multiplier=None, max_seq_len=4096)
 FSDP_TARGET = 1.15
+CP_TARGET = 0.55
 
 
 def param_count(args: ModelArgs) -> int:
@@ -127,13 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     seq = spec["cp/packed/1"][1].seq_len
     headline = [{"name": f"FSDP2 peak / ideal, {f['ranks']} ranks", "value": round(f["ratio"], 3), "unit": "x",
                  "target": f"<= {FSDP_TARGET}", "met": f["ratio"] <= FSDP_TARGET} for f in fsdp if f["ranks"] > 1]
-    headline.append({"name": f"CP=2 / CP=1 activation memory per rank, {seq} tokens, packed documents",
-                     "value": round(cp[0]["ratio"], 3), "unit": "x", "target": "ideal 0.5", "met": None})
-    headline.append({"name": f"CP=2 / CP=1 activation memory per rank, {seq} tokens, one document per row",
-                     "value": round(cp[1]["ratio"], 3), "unit": "x", "target": "ideal 0.5", "met": None})
-    worst = max(abs(v["ratio"] - 1) for v in validation if v["case"].startswith("validate/"))
-    headline.append({"name": "planner estimate vs measured peak, worst rank of the validation layouts",
-                     "value": round(100 * worst, 1), "unit": "% off", "target": "<= 10", "met": worst <= 0.10})
+    for row, label in zip(cp, ("packed documents", "one document per row")):
+        headline.append({"name": f"CP=2 / CP=1 activation memory per rank, {seq} tokens, {label}",
+                         "value": round(row["ratio"], 3), "unit": "x", "target": f"<= {CP_TARGET}",
+                         "met": row["ratio"] <= CP_TARGET})
+    for prefix, label in (("validate/", "the validation layouts"), ("cp/", f"the CP runs at {seq} tokens")):
+        worst = max(abs(v["ratio"] - 1) for v in validation if v["case"].startswith(prefix))
+        headline.append({"name": f"planner estimate vs measured peak, worst rank of {label}",
+                         "value": round(100 * worst, 1), "unit": "% off", "target": "<= 10", "met": worst <= 0.10})
 
     print("Planner estimate vs measured peak per rank (CPU, live tensor bytes)")
     print(table([[v["case"], v["rank"], f"{v['measured_mib']:.2f}", f"{v['estimated_mib']:.2f}", f"{v['ratio']:.3f}"]

@@ -8,10 +8,11 @@ Memory: the peak of live tensor bytes of each pipeline rank during one training 
 (AdamW's state already exists), the busiest rank reported. Every term below is what
 autograd, FSDP2, the pipeline schedule or the loss actually keep, counted on the recipe's
 own step; ``tests/test_planner_memory.py`` checks the sum against CPU runs under each
-layout (within 10% per rank, most within 2%) and ``bench/gpu_memory.py`` against CUDA's
-allocator on an 8B-shaped slice (within 0.2%). ``c`` is the compute dtype's size (2 for
-bf16, 4 for fp32), ``P`` the rank's parameters over TP, ``F`` the FSDP group
-(dp_shard x cp), ``T`` the tokens of one micro-batch on the rank (``micro x seq / cp``).
+layout, with one document per row and with packed rows (within 10% per rank, most within
+2%), and ``bench/gpu_memory.py`` compares it with CUDA's allocator on an 8B-shaped slice.
+``c`` is the compute dtype's size (2 for bf16, 4 for fp32), ``P`` the rank's parameters
+over TP, ``F`` the FSDP group (dp_shard x cp), ``T`` the tokens of one micro-batch on the
+rank (``micro x seq / cp``), ``kv`` the K/V width ``n_kv_heads x head_dim``.
 
 * state: fp32 parameters and AdamW's two moments, ``12 P / F``. Gradients add ``4 P / F``
   where they exist at the peak, i.e. once a micro-batch finished its backward before it
@@ -25,17 +26,24 @@ bf16, 4 for fp32), ``P`` the rank's parameters over TP, ``F`` the FSDP group
   and normalised values ``2 dim (4 + c) / tp`` (sequence-sharded under TP); their
   outputs as the projections see them, ``2 dim c`` - all-gathered, whole, under TP's
   sequence parallelism (DTensor keeps the gathered input of a column-parallel linear);
-  q after RoPE, the attention output and K, V repeated to every query head over the
-  whole sequence (all-gathered over CP) ``(2 + 2 cp) dim c / tp``; the fp32
-  log-sum-exp and rsqrt ``(4 heads + 8) / tp``; SwiGLU's w1 x, silu, w3 x and product
-  ``4 ffn c / tp``; and with a dense attention mask (CP, or ``document_mask``) SDPA's
-  float bias over every key, ``seq c``. A checkpointed block keeps its input, ``dim c /
-  tp``, and one block is rebuilt at a time in the backward (the recompute buffer);
+  q after RoPE and the attention output ``2 dim c / tp``; K and V at ``n_kv_heads``
+  (GQA: no backend repeats them) over the whole sequence - under CP the all-gathered
+  copy put in position order, which the kernels keep - ``2 kv c cp / tp``; the
+  kernels' fp32 log-sum-exp and the norms' rsqrt ``(4 heads + 8) / tp``; SwiGLU's
+  w1 x, silu, w3 x and product ``4 ffn c / tp``. The attention output is kept twice,
+  ``dim c / tp`` more, where several kernel calls' outputs are concatenated (each call
+  keeps its own for its backward): segmented attention under CP or on packed rows (one
+  call per document run), varlen under CP (one call per chunk); the backend is
+  ``model.attention``, ``auto`` taken as a GPU runs it (varlen in bf16, segmented in
+  fp32; the CPU runs segmented). No mask exists but for the dense reference backend:
+  SDPA's float bias over every key per layer, ``seq c``, and the boolean mask once per
+  micro-batch, ``seq`` bytes. A checkpointed block keeps its input, ``dim c / tp``, and
+  one block is rebuilt at a time in the backward (the recompute buffer);
 * the head (last stage): the final norm like a block's, and the fp32 log-softmax of the
   loss, ``4 vocab / tp`` per token;
 * pipelines: each stage's output is kept until its backward (hidden states, or the logits
   on the last stage); every micro-batch of the step has a receive buffer for the stage's
-  input and one for its output gradient; under CP all micro-batches' masks exist at once;
+  input and one for its output gradient;
 * micro-batches in flight on pipeline rank ``r``: GPipe all of them, 1F1B ``pp - r``,
   interleaved 1F1B ``((v - 1) pp + 2 (pp - 1 - r) + 1) / v`` of the rank's layers
   (Narayanan et al., 2021), at most all of them;
@@ -68,6 +76,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+from recipe.config import ATTENTION_BACKENDS
 from recipe.errors import ConfigError
 from recipe.flops import flops_per_token
 from recipe.model import ModelArgs
@@ -178,18 +187,51 @@ def rank_params(args: ModelArgs, layout: Layout, first_last_fewer: bool = True) 
     return share_params(args, share), len(share.layers)
 
 
+def attention_backend(args: ModelArgs, precision: str, attention: str | None = None) -> str:
+    """The attention backend whose memory is modelled: ``attention``, else ``args.attention``;
+    ``auto`` is what it picks on a GPU (varlen in bf16, segmented in fp32)."""
+    name = attention or args.attention
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    if name == "auto":
+        return "varlen" if precision == "bf16" else "segmented"
+    return name
+
+
+def output_kept_twice(attention: str, cp: int, packed: bool) -> bool:
+    """Whether a block keeps its attention output twice: the outputs of several kernel calls
+    (saved by each call for its backward) and their concatenation (the output projection's input).
+
+    Segmented attention calls its kernel per run of a row: several calls when a row packs
+    several documents, or under CP (each rank's two chunks are separate runs); varlen calls
+    it per group of contiguous runs: one for a whole micro-batch, two per row under CP.
+    Flex and dense attend a micro-batch in one call.
+    """
+    return (attention == "segmented" and (cp > 1 or packed)) or (attention == "varlen" and cp > 1)
+
+
 def layer_activation_bytes(args: ModelArgs, layout: Layout, compute_bytes: int, seq_len: int,
-                           dense_mask: bool) -> float:
-    """Bytes one transformer block keeps for its backward pass, per token of the rank's sequence shard."""
+                           attention: str = "varlen", packed: bool = False) -> float:
+    """Bytes one transformer block keeps for its backward pass, per token of the rank's sequence shard.
+
+    ``attention``: a resolved backend (``attention_backend``); ``packed``: rows hold several documents.
+    """
     c, tp, cp, dim = compute_bytes, layout.tp, layout.cp, args.dim
+    kv_dim = args.n_kv_heads * args.head_dim
     norms = 2 * dim * (4 + c) / tp  # each RMSNorm's fp32 input and normalised value, sequence-sharded under TP
     projection_inputs = 2 * dim * c  # the norms' outputs as the projections see them: whole, all-gathered over TP
-    # q after RoPE and the attention output; K and V repeated to every query head (GQA) over
-    # the whole sequence (all-gathered over CP); the log-sum-exp and the two rsqrt, fp32.
-    attention = (2 * dim * c + 2 * dim * c * cp + 4 * args.n_heads + 2 * 4) / tp
+    # q after RoPE and the attention output (also the output projection's input); K and V at
+    # n_kv_heads (GQA, never repeated) over the whole sequence: under CP the all-gathered copy
+    # put in position order, which the kernels keep; the kernels' fp32 log-sum-exp per query
+    # head and the norms' two rsqrt.
+    attn = (2 * dim * c + 2 * kv_dim * c * cp + 4 * args.n_heads + 2 * 4) / tp
+    if output_kept_twice(attention, cp, packed):
+        attn += dim * c / tp
     feed_forward = 4 * args.ffn_hidden_dim * c / tp  # w1 x, silu(w1 x), w3 x and their product
-    mask = seq_len * c if dense_mask else 0.0  # SDPA's float bias of the boolean mask: every key per query
-    return norms + projection_inputs + attention + feed_forward + mask
+    # The dense reference: SDPA's float bias of the boolean mask, every key per query, per
+    # layer; one mask for all heads, so TP does not shard it. No other backend has a mask.
+    mask = seq_len * c if attention == "dense" else 0.0
+    return norms + projection_inputs + attn + feed_forward + mask
 
 
 def head_activation_bytes(args: ModelArgs, layout: Layout, compute_bytes: int) -> float:
@@ -219,8 +261,12 @@ def _checkpointed(layout: Layout, layer: int) -> bool:
 
 
 def rank_memory(args: ModelArgs, layout: Layout, pp_rank: int, seq_len: int, micro_batch: int, n_micro: int,
-                precision: str, optimizer: str, first_last_fewer: bool, document_mask: bool) -> dict[str, float]:
-    """Bytes by component of pipeline rank ``pp_rank`` at its peak (see the module docstring)."""
+                precision: str, optimizer: str, first_last_fewer: bool, packed: bool = False,
+                attention: str = "varlen") -> dict[str, float]:
+    """Bytes by component of pipeline rank ``pp_rank`` at its peak (see the module docstring).
+
+    ``packed``: rows hold several documents; ``attention``: the resolved backend (``attention_backend``).
+    """
     c = 2 if precision == "bf16" else 4
     tp, cp = layout.tp, layout.cp
     share = rank_share(args, layout, pp_rank, first_last_fewer)
@@ -243,10 +289,12 @@ def rank_memory(args: ModelArgs, layout: Layout, pp_rank: int, seq_len: int, mic
         base["unsharded params"] = c * params  # gathered once, kept for the whole step
     if grads_exist and unsharded_grads:
         base["unsharded grads"] = 4 * params  # FSDP accumulates them in fp32
-    full = layer_activation_bytes(args, layout, c, seq_len, cp > 1 or document_mask) * tokens
+    full = layer_activation_bytes(args, layout, c, seq_len, attention, packed) * tokens
     kept_input = args.dim * c / tp * tokens  # all a checkpointed block keeps
     saved = {i: kept_input if _checkpointed(layout, i) else full for i in share.layers}
     per_micro = sum(saved.values())
+    if attention == "dense":  # the boolean [micro, 1, seq / cp, seq] mask, built once per micro-batch
+        per_micro += seq_len * tokens
     if layout.pp > 1:
         # The schedule keeps each stage's output until its backward: hidden states, or the
         # logits on the last stage. A later stage's input is a receive buffer, which in fp32
@@ -257,8 +305,6 @@ def rank_memory(args: ModelArgs, layout: Layout, pp_rank: int, seq_len: int, mic
         per_micro += (outputs * boundary + share.head * c * args.vocab_size / tp * tokens
                       - (c == 4) * inputs * boundary) / layout.stages_per_rank
         base["pipeline buffers"] = n_micro * (inputs + outputs) * boundary  # received activations and gradients
-        if cp > 1:  # the context-parallel mask [micro, 1, seq / cp, seq] of every micro-batch, built up front
-            base["attention masks"] = n_micro * micro_batch * seq_len / cp * seq_len
     if any(_checkpointed(layout, i) for i in share.layers):
         base["recompute buffer"] = full  # one block's activations rebuilt at a time
     head = head_activation_bytes(args, layout, c) * tokens if share.head else 0.0
@@ -308,17 +354,20 @@ def rank_memory(args: ModelArgs, layout: Layout, pp_rank: int, seq_len: int, mic
 def estimate(args: ModelArgs, layout: Layout, seq_len: int, batch_tokens: int, micro_batch: int = 1,
              hardware: Hardware = HARDWARE["h100-80gb"], precision: str = "bf16", mfu: float = 0.4,
              first_last_fewer: bool = True, optimizer: str = "foreach", document_mask: bool = False,
-             pp_rank: int | None = None) -> Estimate:
+             pp_rank: int | None = None, attention: str | None = None) -> Estimate:
     """Memory of the busiest rank and step time of ``layout`` (see the module docstring).
 
     ``optimizer``: AdamW's implementation, "foreach" (torch's default on GPUs), "for-loop"
-    (its default on CPUs) or "fused". ``document_mask``: rows pack several documents, so
-    attention gets a dense mask even without CP. ``pp_rank``: the pipeline rank to report
-    (default: the one with the most memory).
+    (its default on CPUs) or "fused". ``document_mask``: rows pack several documents (no
+    mask is built for them but by the dense backend; segmented attention then keeps its
+    output twice). ``attention``: the backend (default ``args.attention``; ``auto`` as on a
+    GPU, see ``attention_backend``). ``pp_rank``: the pipeline rank to report (default: the
+    one with the most memory).
     """
     if precision not in ("bf16", "fp32") or optimizer not in ("foreach", "for-loop", "fused"):
         raise ConfigError(f"precision must be bf16 or fp32 and optimizer foreach, for-loop or fused, got "
                           f"{precision!r} and {optimizer!r}")
+    backend = attention_backend(args, precision, attention)
     if pp_rank is not None and not 0 <= pp_rank < layout.pp:
         raise ConfigError(f"pp_rank={pp_rank} is outside 0..{layout.pp - 1}")
     est = Estimate(layout)
@@ -333,7 +382,7 @@ def estimate(args: ModelArgs, layout: Layout, seq_len: int, batch_tokens: int, m
         return est
     ranks = range(layout.pp) if pp_rank is None else [pp_rank]
     per_rank = {r: rank_memory(args, layout, r, seq_len, micro_batch, n_micro, precision, optimizer,
-                               first_last_fewer, document_mask) for r in ranks}
+                               first_last_fewer, document_mask, backend) for r in ranks}
     est.pp_rank = max(per_rank, key=lambda r: sum(per_rank[r].values()))
     est.memory = per_rank[est.pp_rank]
     capacity = hardware.memory_bytes * 0.95  # allocator fragmentation and workspace
@@ -421,15 +470,26 @@ def describe(est: Estimate, hardware: Hardware) -> str:
 def config_layout(config: dict) -> tuple[Layout, int, int, int, str]:
     """``(layout, seq_len, batch_tokens, micro_batch, precision)`` a ``recipe fit`` YAML trains with last.
 
-    The batch is the ramp's (or the data's) final one, the largest the run reaches.
+    The batch is the ramp's (or the data's) final one, the largest the run reaches; with
+    context-length stages, the sequence is their last (longest) one, with its own batch
+    where it sets one - the most memory per rank the run needs.
     """
     trainer, data = config.get("trainer") or {}, config.get("data") or {}
     seq_len = int(data.get("seq_len", 256))
     batch_tokens = int(data.get("global_batch_size", 16)) * seq_len
-    for cb in trainer.get("callbacks") or []:
-        if str(cb.get("class_path", "")).endswith("BatchSizeRamp"):
-            last = (cb.get("init_args") or {}).get("stages", [])[-1]
+    callbacks = [(str(cb.get("class_path", "")), cb.get("init_args") or {}) for cb in trainer.get("callbacks") or []]
+    for path, init in callbacks:
+        if path.endswith("BatchSizeRamp"):
+            last = init.get("stages", [])[-1]
             seq_len, batch_tokens = int(last["seq_len"]), int(last["batch_tokens"])
+    for path, init in callbacks:
+        if path.endswith("ContextLengthStages"):
+            from recipe.plan import paper_stages
+
+            stages = init.get("stages") or [vars(s) for s in paper_stages()]
+            last = stages[-1]
+            seq_len = int(last["seq_len"])
+            batch_tokens = int(last.get("batch_tokens") or batch_tokens)
     strategy = trainer.get("strategy") or {}
     sizes = strategy.get("init_args") or {} if isinstance(strategy, dict) else {}
     gpus = int(trainer.get("devices", 1) if str(trainer.get("devices", 1)).isdigit() else 1) * \

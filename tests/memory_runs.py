@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import lightning as L
@@ -34,7 +34,8 @@ class Case:
     seq_len: int
     micro_batch: int = 1
     n_micro: int = 1  # micro-batches per rank per step
-    documents: int = 1  # per row; more than one makes attention use a dense same-document mask
+    documents: int = 1  # equal documents per row (packed rows: more than one)
+    attention: str = "auto"  # model.attention: auto runs segmented on CPU, dense is the masked reference
 
     def layout(self) -> Layout:
         """The same layout in the planner's terms."""
@@ -54,7 +55,8 @@ class Case:
         return estimate(args, layout, self.seq_len, batch_tokens, self.micro_batch,
                         precision=self.strategy.get("precision", "fp32"),
                         first_last_fewer=self.strategy.get("pp_first_last_fewer", False),
-                        optimizer="for-loop", document_mask=self.documents > 1, pp_rank=pp_rank)
+                        optimizer="for-loop", document_mask=self.documents > 1, pp_rank=pp_rank,
+                        attention="segmented" if self.attention == "auto" else self.attention)
 
     @property
     def world(self) -> int:
@@ -70,7 +72,13 @@ class Case:
 ARGS = ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048, multiple_of=64,
                  ffn_dim_multiplier=None, max_seq_len=512)
 SEQ = 512
-SINGLE = {"single": Case({}, SEQ)}
+SINGLE = {
+    "single": Case({}, SEQ),
+    # Three documents per row: segmented attention calls its kernel per document and keeps the
+    # concatenated output besides the calls' own; the dense reference keeps a float mask per layer.
+    "single_packed": Case({}, SEQ, documents=3),
+    "single_dense": Case({}, SEQ, documents=3, attention="dense"),
+}
 TWO_RANKS = {
     "fsdp2": Case({"dp_shard": 2}, SEQ),
     # bf16 matmuls are ten times slower than fp32 on CPUs without bf16 units: a shorter sequence.
@@ -79,7 +87,10 @@ TWO_RANKS = {
     "fsdp2_accumulate": Case({"dp_shard": 2}, SEQ, n_micro=2),
     "fsdp2_reduce_every_micro_batch": Case({"dp_shard": 2, "reduce_every_micro_batch": True}, SEQ, n_micro=2),
     "tp2": Case({"tp": 2, "dp_shard": 1}, SEQ),
+    "tp2_packed": Case({"tp": 2, "dp_shard": 1}, SEQ, documents=3),
+    # Each rank keeps the whole sequence's K/V (n_kv_heads), gathered and put in position order.
     "cp2": Case({"cp": 2, "dp_shard": 1}, SEQ),
+    "cp2_packed": Case({"cp": 2, "dp_shard": 1}, SEQ, documents=3),
     # Three micro-batches: 1F1B holds two on the first rank, GPipe all three on both.
     "pp2_1f1b": Case({"pp": 2, "dp_shard": 1, "pp_schedule": "1F1B"}, SEQ, n_micro=3),
     "pp2_gpipe": Case({"pp": 2, "dp_shard": 1, "pp_schedule": "GPipe"}, SEQ, n_micro=3),
@@ -110,7 +121,8 @@ def random_batches(args: ModelArgs, case: Case, steps: int, seed: int = 0) -> Da
     """``steps`` batches in the module's layout: tokens and doc ids ``[n_micro, micro_batch, seq_len + 1]``.
 
     ``case.documents`` equal documents per row: with one, attention without context
-    parallelism takes SDPA's causal path. Every rank draws the same rows, as the ranks of a
+    parallelism is one causal kernel call for the whole micro-batch; with more, one per
+    document. Every rank draws the same rows, as the ranks of a
     tensor, context or pipeline group must.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -126,6 +138,7 @@ def measure_case(args: ModelArgs, case: Case, steps: int = 2) -> dict[str, Any]:
     from recipe.parallel.strategy import Parallel4DStrategy
 
     torch.manual_seed(0)
+    args = replace(args, attention=case.attention)
     module = LlamaLightningModule(arch=args, optimizer=OptimizerConfig(lr=1e-4),
                                   lr_schedule=LRSchedule(warmup_steps=1, decay_steps=10, min_lr=1e-5))
     callback = MeasureStep(step=steps - 1)

@@ -81,6 +81,60 @@ def test_shipped_gpu_configs_fit_on_80gb(config, capsys):
     assert ": fits" in capsys.readouterr().out.split("the config's layout")[1].splitlines()[1]
 
 
+def test_long_context_config_fits_on_80gb_at_every_stage():
+    """The 405B long-context layout (Table 4: TP 8, CP 16, PP 16, DP 8) at each of its lengths.
+
+    ``recipe plan`` plans the last and longest stage, 128K tokens; every earlier stage is
+    checked too, with the batch the config gives it. Each rank keeps its 8K-token shard's
+    activations and the whole sequence's K/V at 8 heads per layer; no mask exists.
+    """
+    import yaml
+
+    from recipe.planner import config_layout
+
+    path = "configs/llama3_405b_long_context.yaml"
+    args = model_args_from_config(path)
+    config = yaml.safe_load(open(path))
+    layout, seq_len, batch_tokens, micro, precision = config_layout(config)
+    assert (layout.tp, layout.cp, layout.pp, layout.dp, seq_len) == (8, 16, 16, 8, 131072)
+    assert precision == "bf16" and args.attention == "auto"
+    stages = next(cb["init_args"]["stages"] for cb in config["trainer"]["callbacks"]
+                  if cb["class_path"].endswith("ContextLengthStages"))
+    for stage in stages:
+        est = estimate(args, layout, stage["seq_len"], stage.get("batch_tokens", batch_tokens), micro, H100, precision)
+        assert est.fits, (stage, est.reason)
+        assert est.memory_total < 0.95 * 80e9, (stage, est.memory_total)
+    longest = estimate(args, layout, seq_len, batch_tokens, micro, H100, precision)
+    assert longest.memory_total < 0.95 * H100.memory_bytes and longest.memory_total < 80e9
+    assert "attention masks" not in longest.memory
+
+
+def test_attention_memory_has_no_mask_but_for_the_dense_backend(llama405b):
+    """K/V at n_kv_heads (the gathered sequence under CP), the output once more where calls
+    are concatenated, and a seq x seq float bias only for the dense reference."""
+    from dataclasses import replace
+
+    from recipe.planner import layer_activation_bytes
+
+    layout, cp16 = Layout(tp=8), Layout(tp=8, cp=16)
+    c, kv = 2, llama405b.n_kv_heads * llama405b.head_dim
+    varlen = layer_activation_bytes(llama405b, layout, c, 131072, "varlen")
+    varlen_cp = layer_activation_bytes(llama405b, cp16, c, 131072, "varlen")
+    assert varlen_cp - varlen == pytest.approx((2 * kv * c * 15 + llama405b.dim * c) / 8)
+    assert layer_activation_bytes(llama405b, layout, c, 131072, "flex") == varlen  # one call, no mask
+    assert layer_activation_bytes(llama405b, layout, c, 131072, "segmented", packed=True) == \
+        varlen + llama405b.dim * c / 8  # one call per document: the output kept twice
+    dense = layer_activation_bytes(llama405b, layout, c, 131072, "dense")
+    assert dense - varlen == 131072 * c  # SDPA's float bias, every key per query, not sharded by TP
+    base = estimate(llama405b, Layout(tp=8, pp=16, dp=64, stages_per_rank=2, schedule="Interleaved1F1B"), 8192,
+                    BATCH, 1, H100)
+    masked = estimate(replace(llama405b, attention="dense"), Layout(tp=8, pp=16, dp=64, stages_per_rank=2,
+                      schedule="Interleaved1F1B"), 8192, BATCH, 1, H100)
+    assert masked.memory["activations"] > base.memory["activations"]
+    assert estimate(llama405b, Layout(dp=8), 8192, BATCH, 1, H100, document_mask=True).memory == \
+        estimate(llama405b, Layout(dp=8), 8192, BATCH, 1, H100).memory  # varlen: packed rows cost nothing
+
+
 def test_gpu_check_script_runs(tmp_path):
     """bench/gpu_check.py's own code path, on a tiny CPU shape (its real run needs an NVIDIA GPU)."""
     import subprocess

@@ -2,11 +2,13 @@
 
 One process and one 2-rank world (gloo) train a small fp32 Llama under each layout -
 FSDP (also with bf16 compute), TP, CP, and PP with 1F1B and GPipe - with the recipe's
-own Trainer path; the second step is measured with ``recipe.memory.LiveTensorMemory``
-(live tensor bytes, the CPU's ``max_memory_allocated``). On every rank the planner's
-estimate for that rank must be within 10% of its measured peak. The model is chosen so
-that parameter state and activations are both a sizeable part of every peak: a planner
-that miscounts either one fails.
+own Trainer path, on rows of one document and on packed rows of three (segmented
+attention, and the dense-mask reference in one process); the second step is measured
+with ``recipe.memory.LiveTensorMemory`` (live tensor bytes, the CPU's
+``max_memory_allocated``). On every rank the planner's estimate for that rank must be
+within 10% of its measured peak. The model is chosen so that parameter state and
+activations are both a sizeable part of every peak: a planner that miscounts either one
+fails.
 """
 
 from __future__ import annotations
