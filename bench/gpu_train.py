@@ -46,8 +46,8 @@ lengths of the rows). The figure in parentheses counts whole causal rows
 (``C = seq / 2``), the convention of MFU figures that ignore the mask. The peak is the
 GPU's dense bf16 peak, from its name (H100 SXM and H200: 989 TFLOP/s) or
 ``--peak-tflops``. Peak memory is ``torch.cuda.max_memory_allocated`` over the timed
-steps, beside the planner's estimate for the same shape (one bf16 rank, fused AdamW; a
-materialised seq x seq mask only with ``--attention dense``).
+steps, beside the planner's estimate for the same shape (one bf16 rank, fused AdamW,
+packed rows, the chosen attention backend).
 
     python bench/gpu_train.py [--layers 4] [--seq-len 8192] [--micro-batch 1 2] [--steps 10] [--warmup 3]
                               [--attention auto] [--compile] [--long-layers 2]
@@ -232,17 +232,13 @@ def run_child(run: dict, index: int, timeout: float) -> dict:
 
 def planned(arch: ModelArgs, seq_len: int, micro: int, activation_checkpointing: str, on_gpu: bool,
             memory_bytes: float):
-    """The planner's estimate of one rank.
-
-    Its ``document_mask`` adds a materialised seq x seq mask per layer, which only the
-    ``dense`` attention backend builds; the others attend within the documents without one.
-    """
+    """The planner's estimate of one rank: rows of packed documents, attended with ``arch.attention``."""
     from recipe.planner import HARDWARE, Layout, estimate
 
     hardware = replace(HARDWARE["h100-80gb"], memory_bytes=memory_bytes)
     return estimate(arch, Layout(dp=1, activation_checkpointing=activation_checkpointing), seq_len, micro * seq_len,
                     micro, hardware, precision="bf16" if on_gpu else "fp32",
-                    optimizer="fused" if on_gpu else "for-loop", document_mask=arch.attention == "dense")
+                    optimizer="fused" if on_gpu else "for-loop", document_mask=True)
 
 
 @functools.lru_cache
