@@ -13,10 +13,11 @@ document does and then also sees the document's earlier keys.
 that never left the host (the data module keeps them there), so no forward waits on the
 GPU. Every attention layer of the forward reuses it. Backends (``model.attention``):
 
-``segmented``  exact on any device, no seq x seq tensor: SDPA (``enable_gqa``, no K/V copies)
-               per run, one batched causal call when every row is one document. A run that
-               starts inside its document merges a mask-free prefix call and a causal call
-               by their log-sum-exp (CPU), or uses SDPA's lower-right causal bias elsewhere.
+``segmented``  exact on any device, no seq x seq tensor: a flash call (GQA without K/V
+               copies) per run, one batched causal call when every row is one document. A
+               run that starts inside its document merges a mask-free prefix call and a
+               causal call by their log-sum-exp (CPU), or uses SDPA's lower-right causal
+               bias elsewhere. On CPU all runs form one autograd node.
 ``varlen``     CUDA, bf16/fp16: torch's flash ``varlen_attn`` over cumulative run lengths.
 ``flex``       FlexAttention with a block mask built from the runs (compiled on GPUs; on CPU
                torch has no FlexAttention backward, so it serves inference and tests only).
@@ -266,17 +267,23 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Att
 
 def segmented_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
     """Exact attention per run: only same-document, causal pairs are computed."""
+    if q.device.type == "cpu":
+        return SegmentedFlashAttention.apply(q, k, v, plan)
+    parts = [_heads_first(run_attention(_heads_first(q[rows, qs:qe]), _heads_first(k[rows, ks:ke]),
+                                        _heads_first(v[rows, ks:ke])))
+             for rows, qs, qe, ks, ke in _run_slices(plan)]
+    if plan.same_runs_every_row:
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return torch.cat(parts, dim=1).view_as(q)
+
+
+def _run_slices(plan: AttentionPlan) -> list[tuple[slice, int, int, int, int]]:
+    """(rows, q_start, q_end, k_start, k_end) per kernel call, in output order: all rows
+    together when every row has the same runs (one causal call for one document per row)."""
     runs = plan.runs
     if plan.same_runs_every_row:
-        # All rows at once, one call per run of the first row (one call for one document per row).
-        parts = [_heads_first(run_attention(_heads_first(q[:, qs:qe]), _heads_first(k[:, ks:ke]),
-                                            _heads_first(v[:, ks:ke])))
-                 for _, qs, qe, ks, ke in runs[:len(runs) // plan.batch].tolist()]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    parts = [_heads_first(run_attention(_heads_first(q[row, qs:qe]).unsqueeze(0), _heads_first(k[row, ks:ke]).unsqueeze(0),
-                                        _heads_first(v[row, ks:ke]).unsqueeze(0)))[0]
-             for row, qs, qe, ks, ke in runs.tolist()]
-    return torch.cat(parts, dim=0).view_as(q)
+        return [(slice(None), qs, qe, ks, ke) for _, qs, qe, ks, ke in runs[:len(runs) // plan.batch].tolist()]
+    return [(slice(row, row + 1), qs, qe, ks, ke) for row, qs, qe, ks, ke in runs.tolist()]
 
 
 def run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -285,43 +292,66 @@ def run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     prefix = k.shape[2] - q.shape[2]
     if prefix == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    if q.device.type == "cpu":
-        return PrefixCausalAttention.apply(q, k, v)
     from torch.nn.attention.bias import causal_lower_right
 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]),
                                           enable_gqa=True)
 
 
-class PrefixCausalAttention(torch.autograd.Function):
-    """CPU attention of queries that see a whole key prefix, then a causal triangle.
+class SegmentedFlashAttention(torch.autograd.Function):
+    """Every run of a plan through torch's CPU flash kernel, as one autograd node.
 
-    Two flash calls - the prefix without a mask, the triangle causal - merged by their
-    log-sum-exp; the backward runs each part's flash backward against the merged output
-    and log-sum-exp, which is exactly how a split softmax differentiates. No mask is built.
+    The runs write into one output and one log-sum-exp, which are all that the backward
+    keeps besides q, k and v (per-run outputs joined by a concatenation would be kept
+    twice). A run that starts after its document does sees a key prefix in full and a
+    causal triangle after it: two flash calls merged by their log-sum-exp. The backward
+    runs each call's flash backward against the merged output and log-sum-exp - exactly
+    how a split softmax differentiates - accumulating key and value gradients in fp32,
+    since under context parallelism several runs share keys. No mask is built.
     """
 
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        prefix = k.shape[2] - q.shape[2]
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        out_p, lse_p = flash(q, k[:, :, :prefix], v[:, :, :prefix], 0.0, False)
-        out_c, lse_c = flash(q, k[:, :, prefix:], v[:, :, prefix:], 0.0, True)
-        lse = torch.logaddexp(lse_p, lse_c)
-        out = (out_p.float() * (lse_p - lse).exp().unsqueeze(-1)
-               + out_c.float() * (lse_c - lse).exp().unsqueeze(-1)).to(q.dtype)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [batch, q_len, heads, dim]
+        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+        qh, kh, vh, oh = (_heads_first(x) for x in (q, k, v, out))
+        for rows, qs, qe, ks, ke in _run_slices(plan):
+            split = ke - ks - (qe - qs)  # keys every query of the run sees in full
+            q_run = qh[rows, :, qs:qe]
+            o_run, lse_run = flash(q_run, kh[rows, :, ks + split:ke], vh[rows, :, ks + split:ke], 0.0, True)
+            if split:
+                o_pre, lse_pre = flash(q_run, kh[rows, :, ks:ks + split], vh[rows, :, ks:ks + split], 0.0, False)
+                merged = torch.logaddexp(lse_pre, lse_run)
+                o_run = (o_pre.float() * (lse_pre - merged).exp().unsqueeze(-1)
+                         + o_run.float() * (lse_run - merged).exp().unsqueeze(-1))
+                lse_run = merged
+            oh[rows, :, qs:qe] = o_run
+            lse[rows, :, qs:qe] = lse_run
         ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        prefix = k.shape[2] - q.shape[2]
-        grad_out = grad_out.contiguous()
         backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-        dq_p, dk_p, dv_p = backward(grad_out, q, k[:, :, :prefix], v[:, :, :prefix], out, lse, 0.0, False)
-        dq_c, dk_c, dv_c = backward(grad_out, q, k[:, :, prefix:], v[:, :, prefix:], out, lse, 0.0, True)
-        return dq_p + dq_c, torch.cat((dk_p, dk_c), dim=2), torch.cat((dv_p, dv_c), dim=2)
+        dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+        dk = torch.zeros(k.shape, dtype=torch.float32)
+        dv = torch.zeros(v.shape, dtype=torch.float32)
+        qh, kh, vh, oh, gh = (_heads_first(x) for x in (q, k, v, out, grad_out))
+        dqh, dkh, dvh = (_heads_first(x) for x in (dq, dk, dv))
+        for rows, qs, qe, ks, ke in _run_slices(ctx.plan):
+            split = ke - ks - (qe - qs)
+            args = (gh[rows, :, qs:qe], qh[rows, :, qs:qe])
+            saved = (oh[rows, :, qs:qe], lse[rows, :, qs:qe])
+            parts = [(ks + split, ke, True)] + ([(ks, ks + split, False)] if split else [])
+            for k0, k1, causal in parts:
+                dq_part, dk_part, dv_part = backward(*args, kh[rows, :, k0:k1], vh[rows, :, k0:k1], *saved, 0.0, causal)
+                dqh[rows, :, qs:qe] += dq_part
+                dkh[rows, :, k0:k1] += dk_part
+                dvh[rows, :, k0:k1] += dv_part
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
@@ -408,4 +438,4 @@ def attention_flops_pairs(plan: AttentionPlan) -> int:
 
 
 __all__ = ["AttentionPlan", "attend", "document_causal_mask", "document_runs", "resolve_backend",
-           "PrefixCausalAttention", "attention_flops_pairs", "host_to_device"]
+           "SegmentedFlashAttention", "attention_flops_pairs", "host_to_device"]
