@@ -232,13 +232,13 @@ def run_child(run: dict, index: int, timeout: float) -> dict:
 
 def planned(arch: ModelArgs, seq_len: int, micro: int, activation_checkpointing: str, on_gpu: bool,
             memory_bytes: float):
-    """The planner's estimate of one rank: rows of packed documents, attended with ``arch.attention``."""
+    """The planner's estimate of one rank, attending with ``arch.attention``."""
     from recipe.planner import HARDWARE, Layout, estimate
 
     hardware = replace(HARDWARE["h100-80gb"], memory_bytes=memory_bytes)
     return estimate(arch, Layout(dp=1, activation_checkpointing=activation_checkpointing), seq_len, micro * seq_len,
                     micro, hardware, precision="bf16" if on_gpu else "fp32",
-                    optimizer="fused" if on_gpu else "for-loop", document_mask=True)
+                    optimizer="fused" if on_gpu else "for-loop")
 
 
 @functools.lru_cache

@@ -32,8 +32,8 @@ rank (``micro x seq / cp``), ``kv`` the K/V width ``n_kv_heads x head_dim``.
   kernels' fp32 log-sum-exp and the norms' rsqrt ``(4 heads + 8) / tp``; SwiGLU's
   w1 x, silu, w3 x and product ``4 ffn c / tp``. The attention output is kept twice,
   ``dim c / tp`` more, where several kernel calls' outputs are concatenated (each call
-  keeps its own for its backward): segmented attention under CP or on packed rows (one
-  call per document run), varlen under CP (one call per chunk); the backend is
+  keeps its own for its backward): varlen under CP (one call per chunk; segmented
+  attention on CPU writes all runs into one output); the backend is
   ``model.attention``, ``auto`` taken as a GPU runs it (varlen in bf16, segmented in
   fp32; the CPU runs segmented). No mask exists but for the dense reference backend:
   SDPA's float bias over every key per layer, ``seq c``, and the boolean mask once per
@@ -198,23 +198,26 @@ def attention_backend(args: ModelArgs, precision: str, attention: str | None = N
     return name
 
 
-def output_kept_twice(attention: str, cp: int, packed: bool) -> bool:
+def output_kept_twice(attention: str, cp: int) -> bool:
     """Whether a block keeps its attention output twice: the outputs of several kernel calls
     (saved by each call for its backward) and their concatenation (the output projection's input).
 
-    Segmented attention calls its kernel per run of a row: several calls when a row packs
-    several documents, or under CP (each rank's two chunks are separate runs); varlen calls
-    it per group of contiguous runs: one for a whole micro-batch, two per row under CP.
-    Flex and dense attend a micro-batch in one call.
+    Varlen calls its kernel per group of contiguous runs: one for a whole micro-batch, two
+    per row under CP. Segmented attention, as the CPU runs it, writes every run into one
+    output (one autograd node); on a GPU, where it is not the default, its per-run calls
+    would keep the output twice too, which this model leaves out. Flex and dense attend a
+    micro-batch in one call.
     """
-    return (attention == "segmented" and (cp > 1 or packed)) or (attention == "varlen" and cp > 1)
+    return attention == "varlen" and cp > 1
 
 
 def layer_activation_bytes(args: ModelArgs, layout: Layout, compute_bytes: int, seq_len: int,
-                           attention: str = "varlen", packed: bool = False) -> float:
+                           attention: str = "varlen") -> float:
     """Bytes one transformer block keeps for its backward pass, per token of the rank's sequence shard.
 
-    ``attention``: a resolved backend (``attention_backend``); ``packed``: rows hold several documents.
+    ``attention``: a resolved backend (``attention_backend``). Packed rows cost no more than
+    rows of one document: no backend but the dense reference builds a mask, and it builds
+    one either way.
     """
     c, tp, cp, dim = compute_bytes, layout.tp, layout.cp, args.dim
     kv_dim = args.n_kv_heads * args.head_dim
@@ -225,7 +228,7 @@ def layer_activation_bytes(args: ModelArgs, layout: Layout, compute_bytes: int, 
     # put in position order, which the kernels keep; the kernels' fp32 log-sum-exp per query
     # head and the norms' two rsqrt.
     attn = (2 * dim * c + 2 * kv_dim * c * cp + 4 * args.n_heads + 2 * 4) / tp
-    if output_kept_twice(attention, cp, packed):
+    if output_kept_twice(attention, cp):
         attn += dim * c / tp
     feed_forward = 4 * args.ffn_hidden_dim * c / tp  # w1 x, silu(w1 x), w3 x and their product
     # The dense reference: SDPA's float bias of the boolean mask, every key per query, per
@@ -261,11 +264,11 @@ def _checkpointed(layout: Layout, layer: int) -> bool:
 
 
 def rank_memory(args: ModelArgs, layout: Layout, pp_rank: int, seq_len: int, micro_batch: int, n_micro: int,
-                precision: str, optimizer: str, first_last_fewer: bool, packed: bool = False,
+                precision: str, optimizer: str, first_last_fewer: bool,
                 attention: str = "varlen") -> dict[str, float]:
     """Bytes by component of pipeline rank ``pp_rank`` at its peak (see the module docstring).
 
-    ``packed``: rows hold several documents; ``attention``: the resolved backend (``attention_backend``).
+    ``attention``: the resolved backend (``attention_backend``).
     """
     c = 2 if precision == "bf16" else 4
     tp, cp = layout.tp, layout.cp
@@ -289,7 +292,7 @@ def rank_memory(args: ModelArgs, layout: Layout, pp_rank: int, seq_len: int, mic
         base["unsharded params"] = c * params  # gathered once, kept for the whole step
     if grads_exist and unsharded_grads:
         base["unsharded grads"] = 4 * params  # FSDP accumulates them in fp32
-    full = layer_activation_bytes(args, layout, c, seq_len, attention, packed) * tokens
+    full = layer_activation_bytes(args, layout, c, seq_len, attention) * tokens
     kept_input = args.dim * c / tp * tokens  # all a checkpointed block keeps
     saved = {i: kept_input if _checkpointed(layout, i) else full for i in share.layers}
     per_micro = sum(saved.values())
@@ -353,14 +356,12 @@ def rank_memory(args: ModelArgs, layout: Layout, pp_rank: int, seq_len: int, mic
 
 def estimate(args: ModelArgs, layout: Layout, seq_len: int, batch_tokens: int, micro_batch: int = 1,
              hardware: Hardware = HARDWARE["h100-80gb"], precision: str = "bf16", mfu: float = 0.4,
-             first_last_fewer: bool = True, optimizer: str = "foreach", document_mask: bool = False,
+             first_last_fewer: bool = True, optimizer: str = "foreach",
              pp_rank: int | None = None, attention: str | None = None) -> Estimate:
     """Memory of the busiest rank and step time of ``layout`` (see the module docstring).
 
     ``optimizer``: AdamW's implementation, "foreach" (torch's default on GPUs), "for-loop"
-    (its default on CPUs) or "fused". ``document_mask``: rows pack several documents (no
-    mask is built for them but by the dense backend; segmented attention then keeps its
-    output twice). ``attention``: the backend (default ``args.attention``; ``auto`` as on a
+    (its default on CPUs) or "fused". ``attention``: the backend (default ``args.attention``; ``auto`` as on a
     GPU, see ``attention_backend``). ``pp_rank``: the pipeline rank to report (default: the
     one with the most memory).
     """
@@ -382,7 +383,7 @@ def estimate(args: ModelArgs, layout: Layout, seq_len: int, batch_tokens: int, m
         return est
     ranks = range(layout.pp) if pp_rank is None else [pp_rank]
     per_rank = {r: rank_memory(args, layout, r, seq_len, micro_batch, n_micro, precision, optimizer,
-                               first_last_fewer, document_mask, backend) for r in ranks}
+                               first_last_fewer, backend) for r in ranks}
     est.pp_rank = max(per_rank, key=lambda r: sum(per_rank[r].values()))
     est.memory = per_rank[est.pp_rank]
     capacity = hardware.memory_bytes * 0.95  # allocator fragmentation and workspace

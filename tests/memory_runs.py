@@ -55,7 +55,7 @@ class Case:
         return estimate(args, layout, self.seq_len, batch_tokens, self.micro_batch,
                         precision=self.strategy.get("precision", "fp32"),
                         first_last_fewer=self.strategy.get("pp_first_last_fewer", False),
-                        optimizer="for-loop", document_mask=self.documents > 1, pp_rank=pp_rank,
+                        optimizer="for-loop", pp_rank=pp_rank,
                         attention="segmented" if self.attention == "auto" else self.attention)
 
     @property
