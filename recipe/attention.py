@@ -186,15 +186,16 @@ class AttentionPlan:
         return f"AttentionPlan(batch={self.batch}, q_len={self.q_len}, kv_len={self.kv_len}, runs={len(self.runs)})"
 
 
-def _flatten_plan(plan: AttentionPlan) -> tuple[list[torch.Tensor], np.ndarray]:
-    return [plan.doc_ids], plan.q_positions
+def _flatten_plan(plan: AttentionPlan) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+    # A tuple context: tree specs are compared with ==, which an array would not survive.
+    return [plan.doc_ids], tuple(plan.q_positions.tolist())
 
 
-def _unflatten_plan(leaves: list[Any], q_positions: np.ndarray) -> AttentionPlan:
+def _unflatten_plan(leaves: list[Any], q_positions: tuple[int, ...]) -> AttentionPlan:
     # No validation: pytree utilities also rebuild the node around non-tensor leaves (the
     # pipeline schedule maps chunk specs over the keywords).
     plan = AttentionPlan.__new__(AttentionPlan)
-    plan.doc_ids, plan.q_positions, plan._device_cache = leaves[0], q_positions, {}
+    plan.doc_ids, plan.q_positions, plan._device_cache = leaves[0], np.asarray(q_positions, dtype=np.int64), {}
     return plan
 
 
