@@ -51,6 +51,7 @@ KNOWN: tuple[Bench, ...] = (
     Bench("overhead", "overhead.py", ["--steps", "2", "--repeats", "1", "--warmup", "1"]),
     Bench("cpu_mfu", "cpu_mfu.py", ["--steps", "2"]),
     Bench("memory", "memory.py"),
+    Bench("attention", "attention.py"),
     Bench("pipeline_bubble", "pipeline_bubble.py"),
     Bench("dataloader", "dataloader.py", ["--steps", "2"]),
     Bench("minhash", "minhash.py", ["--docs", "1500", "--dups", "500"], needs_demo_corpus=True,
