@@ -1,6 +1,6 @@
 """GPU check of the memory model: the planner and the live-tensor tracker against CUDA's allocator.
 
-The 8B-shaped slice of ``bench/gpu_check.py`` (dim 4096, 32 heads, 8 KV heads, FFN
+An 8B-shaped slice (dim 4096, 32 heads, 8 KV heads, FFN
 14336, the 128K vocabulary, sequence 8192) on one GPU with the recipe's FSDP2 mixed
 precision (bf16 parameters and compute, fp32 reduction, fp32 master weights) and fused
 AdamW. After two warm-up steps one step runs under ``recipe.memory.LiveTensorMemory``
@@ -8,8 +8,9 @@ with the allocator's peak reset, for two ways of writing the step:
 
 * ``recipe``: the loss computed and the logits dropped before the backward pass, as
   ``LlamaLightningModule.micro_batch_loss`` does;
-* ``gpu_check``: ``bench/gpu_check.py``'s step, which keeps the bf16 logits referenced
-  until the step ends.
+* ``gpu_check``: the step of the former standalone ``bench/gpu_check.py`` (before it
+  handed over to ``bench/gpu_train.py``), which keeps the bf16 logits referenced until the
+  step ends.
 
 Each line prints ``torch.cuda.max_memory_allocated``, the tracker's peak and the
 planner's estimate (``recipe.planner.estimate`` of one bf16 rank with fused AdamW).

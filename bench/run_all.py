@@ -9,8 +9,9 @@ stderr line), the others still run, and the runner then exits with status 1.
 
     python bench/run_all.py [--quick] [--only pipeline_bubble,dataloader] [--skip minhash] [--out DIR]
 
-Not run here: ``bench/gpu_check.py`` and ``bench/gpu_memory.py`` need an NVIDIA GPU (run
-them on one by hand), and ``bench/scaling_mini.py`` is a several-minute end-to-end scaling
+Not run here: ``bench/gpu_train.py`` (and ``bench/gpu_check.py``, which runs its throughput
+phase), ``bench/gpu_step.py`` and ``bench/gpu_memory.py`` need an NVIDIA GPU (run them on
+one by hand), and ``bench/scaling_mini.py`` is a several-minute end-to-end scaling
 sweep of its own.
 """
 
