@@ -33,6 +33,7 @@ the dense reference compares ids, the others their runs, which agree on such row
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,8 @@ from torch.utils import _pytree as pytree
 
 from recipe.config import ATTENTION_BACKENDS
 from recipe.errors import ModelConfigError
+
+log = logging.getLogger(__name__)
 
 # Columns of ``AttentionPlan.runs``: row, first and end query index (local), first and end key.
 ROW, Q_START, Q_END, K_START, K_END = range(5)
@@ -244,7 +247,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPla
     if q.shape[1] != plan.q_len or k.shape[1] != plan.kv_len or q.shape[0] != plan.batch:
         raise ValueError(f"attention inputs q {tuple(q.shape)} / k {tuple(k.shape)} do not match {plan}")
     name = resolve_backend(backend, plan, q)
+    _announce(backend, name, q.device.type, q.dtype)
     return _BACKENDS[name](q, k, v, plan)
+
+
+@functools.cache
+def _announce(setting: str, backend: str, device: str, dtype: torch.dtype) -> None:
+    """Say once per process which kernel a setting runs on (``auto`` depends on the batch)."""
+    log.info("attention: model.attention=%s runs %s (%s, %s)", setting, backend, device, dtype)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
