@@ -423,9 +423,10 @@ def _flex_block_mask(plan: AttentionPlan, device: torch.device) -> Any:
     from torch.nn.attention.flex_attention import create_block_mask
 
     # Each query's first visible key: its run's k_start; its last: its own position.
-    first_key = np.empty((plan.batch, plan.q_len), dtype=np.int64)
-    for row, qs, qe, ks, _ in plan.runs.tolist():
-        first_key[row, qs:qe] = ks
+    # Runs tile every row's queries in order, so repeating each run's first key per query
+    # lays them out [batch, q_len].
+    runs = plan.runs
+    first_key = np.repeat(runs[:, K_START], runs[:, Q_END] - runs[:, Q_START]).reshape(plan.batch, plan.q_len)
     first = host_to_device(first_key, device)
     last = plan.positions(device)
 
