@@ -300,3 +300,18 @@ def test_varlen_groups_cover_the_runs(monkeypatch, cp: int, rank: int) -> None:
     # Without cp one call; under it at most one per row and chunk (a row's last chunk and the
     # next row's first one join when both end and start their rows).
     assert len(groups) == 1 if cp == 1 else 1 < len(groups) <= 3 * 2
+
+
+def test_segmented_in_bf16_stays_close_to_the_fp32_reference() -> None:
+    """bf16 inputs: the log-sum-exp merge runs in fp32, so bf16 adds only its rounding."""
+    doc_ids = packed_doc_ids(2, 128, seed=9)
+    positions = load_balance_indices(128, 2, 1).numpy()
+    tensors = qkv(2, len(positions), 128, 8, 2, seed=4)
+    grad_out = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(2))
+    ref_out, ref_grads = out_and_grads("dense", AttentionPlan(doc_ids, positions), tensors, grad_out)
+    low = [t.detach().bfloat16().requires_grad_() for t in tensors]
+    out, grads = out_and_grads("segmented", AttentionPlan(doc_ids, positions), low, grad_out.bfloat16())
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    torch.testing.assert_close(out.float(), ref_out, atol=3e-2, rtol=3e-2)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad.float(), ref, atol=5e-2, rtol=5e-2)
