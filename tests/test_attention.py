@@ -315,3 +315,19 @@ def test_segmented_in_bf16_stays_close_to_the_fp32_reference() -> None:
     torch.testing.assert_close(out.float(), ref_out, atol=3e-2, rtol=3e-2)
     for grad, ref in zip(grads, ref_grads):
         torch.testing.assert_close(grad.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+@torch.no_grad()
+def test_model_forward_is_the_same_for_every_cpu_backend() -> None:
+    """Through the whole model (inference: flex has no CPU backward), on packed rows."""
+    torch.manual_seed(0)
+    model = Transformer(model_args("dense"))
+    model.init_weights()
+    tokens = torch.randint(0, 97, (3, 48), generator=torch.Generator().manual_seed(1))
+    doc_ids = packed_doc_ids(3, 48, seed=6)
+    reference = model(tokens, doc_ids=doc_ids)
+    for backend in TRAINABLE_ON_CPU + FORWARD_ONLY_ON_CPU:
+        for module in model.modules():
+            if hasattr(module, "backend"):
+                module.backend = backend
+        torch.testing.assert_close(model(tokens, doc_ids=doc_ids), reference, atol=ATOL, rtol=0)
