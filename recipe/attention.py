@@ -434,8 +434,15 @@ def _flex_block_mask(plan: AttentionPlan, device: torch.device) -> Any:
         return (kv_idx >= first[b, q_idx]) & (kv_idx <= last[q_idx])
 
     # Compiled on GPUs: the eager builder would materialise the whole mask to find its blocks.
-    build = torch.compile(create_block_mask) if device.type == "cuda" else create_block_mask
+    build = _compiled_block_mask_builder() if device.type == "cuda" else create_block_mask
     return build(mask_mod, plan.batch, None, plan.q_len, plan.kv_len, device=device)
+
+
+@functools.cache
+def _compiled_block_mask_builder() -> Any:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
 
 
 _BACKENDS = {"dense": dense_attention, "segmented": segmented_attention, "varlen": varlen_attention,
