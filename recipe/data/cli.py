@@ -4,6 +4,7 @@
     recipe data build CORPUS OUT [--tokenizer PATH] [--text-field text]
                       [--val-fraction 0.01 | --val-documents N] [--overwrite]
     recipe data info  SHARD_SET_OR_DATA_DIR
+    recipe data verify SHARD_SET_OR_DATA_DIR
     recipe data curate --config configs/data/demo.yaml [--input PATH ...] [--output DIR]
                        [--workers N] [--overwrite] [--no-progress]
     recipe data train-classifier --positives FILE --negatives FILE --out MODEL.npz
@@ -59,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="print the index and build report of a shard set or data directory")
     info.add_argument("path")
+
+    verify = sub.add_parser(
+        "verify", help="check every shard's checksum and token range (exit 0: all good, 2: a bad shard)"
+    )
+    verify.add_argument("path", help="a shard set, or a data directory with train/ and val/")
 
     curate = sub.add_parser(
         "curate", help="clean, dedup, filter, classify and mix raw documents, then pack them into train/val shards"
@@ -133,6 +139,36 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from recipe.data.shards import ShardSet
+
+    path = Path(args.path)
+    sets = [path / "train", path / "val"] if (path / "train").is_dir() else [path]
+    failed = 0
+    for p in sets:
+        t0 = time.perf_counter()
+        s = ShardSet(p, verify=False)  # the index and the files' shapes; verify_shard reads the rest
+        errors = []
+        for i in range(len(s.shard_names)):
+            try:
+                s.verify_shard(i)
+            except DataError as e:
+                errors.append(str(e))
+        for e in errors:
+            print(f"error: {e}", file=sys.stderr)
+        failed += len(errors)
+        n, dt = len(s.shard_names), time.perf_counter() - t0
+        if errors:
+            print(f"{p}: {len(errors)} of {n} shard(s) FAILED; restore them or rebuild with `recipe data build`")
+        elif s.has_checksums:
+            print(f"{p}: OK, {n} shard(s), {s.num_tokens:,} tokens: checksums match, token ids < {s.vocab_size:,} "
+                  f"({dt:.1f} s)")  # fmt: skip
+        else:
+            print(f"{p}: token ids < {s.vocab_size:,} in {n} shard(s); checksum check SKIPPED: the index has no "
+                  "checksums (built before they were recorded); rebuild with `recipe data build` to add them")
+    return 2 if failed else 0
+
+
 def _curate(args: argparse.Namespace) -> int:
     from recipe.data.curate.pipeline import curate, load_config
 
@@ -152,7 +188,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": _demo, "build": _build, "info": _info, "curate": _curate,
+    commands = {"demo": _demo, "build": _build, "info": _info, "verify": _verify, "curate": _curate,
                 "train-classifier": _train_classifier}  # fmt: skip
     try:
         return commands[args.command](args)

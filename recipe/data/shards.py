@@ -14,8 +14,17 @@ A *shard set* is a directory::
      "vocab_size": int, "bos_id": int, "eos_id": int, "tokenizer": str,
      "num_tokens": int, "num_documents": int,
      "shards": [{"name": "shard_00000", "num_tokens": int, "num_documents": int,
-                 "domain": str}, ...],
+                 "domain": str, "checksum": {"tokens": "crc32:<hex>", "docs": "crc32:<hex>"}},
+                ...],
      "report": {...}}
+
+``checksum`` is the CRC-32 of each file's bytes, recorded when the shard is written.
+The first time a process opens a shard's tokens (``ShardSet.shards``) it reads the
+shard once: the checksums are compared with the index and the largest token id with
+``vocab_size``, so a corrupt or foreign shard stops with a one-line ``DataError``
+naming the file instead of training on garbage or failing in the embedding. An index
+written before shards carried a checksum still loads; only the range check runs for
+it. ``recipe data verify`` runs the same checks on every shard of a set.
 
 Every shard holds documents of one domain only, so a domain is a group of shard files
 and a per-domain view costs no copy. An index written before shards carried a domain
@@ -36,6 +45,7 @@ import contextlib
 import json
 import os
 import shutil
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +54,9 @@ import numpy as np
 
 from recipe.data.errors import DataError
 
-__all__ = ["DEFAULT_DOMAIN", "FORMAT", "VERSION", "ShardWriter", "ShardSet", "atomic_dir", "is_complete"]
+__all__ = [
+    "DEFAULT_DOMAIN", "FORMAT", "VERSION", "ShardWriter", "ShardSet", "atomic_dir", "file_checksum", "is_complete",
+]
 
 FORMAT = "llama3-recipe-shards"
 VERSION = 1
@@ -54,6 +66,21 @@ DTYPE = np.uint32
 # small enough that the writer's in-memory buffer stays modest.
 DEFAULT_SHARD_TOKENS = 1 << 26
 _REBUILD = "rebuild it with `recipe data build`"
+_CHUNK = 1 << 24  # bytes per read when hashing a file
+# Shards this process has already verified: (resolved tokens path, size, mtime_ns). A view,
+# a second ShardSet of the same directory or a forked DataLoader worker skips them.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """``"crc32:<8 hex digits>"`` of the file's bytes, read sequentially in 16 MiB pieces."""
+    crc = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return f"crc32:{crc:08x}"
 
 
 def is_complete(path: str | os.PathLike) -> bool:
@@ -173,11 +200,15 @@ class ShardWriter:
         lengths = np.fromiter((p.size for p in parts), dtype=np.uint64, count=len(parts))
         starts = np.zeros(len(lengths), dtype=np.uint64)
         np.cumsum(lengths[:-1], out=starts[1:])
-        np.save(self._tmp / f"{name}.tokens.npy", np.concatenate(parts))
-        np.save(self._tmp / f"{name}.docs.npy", starts)
+        tok_path, doc_path = self._tmp / f"{name}.tokens.npy", self._tmp / f"{name}.docs.npy"
+        np.save(tok_path, np.concatenate(parts))
+        np.save(doc_path, starts)
+        # Hash the files as written (just written, so read back from the page cache).
+        checksum = {"tokens": file_checksum(tok_path), "docs": file_checksum(doc_path)}
         self._shards.append(
-            {"name": name, "num_tokens": int(part_tokens), "num_documents": len(parts), "domain": domain}
-        )
+            {"name": name, "num_tokens": int(part_tokens), "num_documents": len(parts), "domain": domain,
+             "checksum": checksum}
+        )  # fmt: skip
 
     @property
     def num_tokens(self) -> int:
@@ -246,8 +277,10 @@ class ShardWriter:
 class ShardSet:
     """A complete shard set opened read-only (token files memory-mapped)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, verify: bool = True) -> None:
         self.path = Path(path)
+        # verify: check each shard's checksum and token range the first time this process opens it.
+        self.verify = bool(verify)
         index_path = self.path / "index.json"
         if not index_path.is_file():
             raise DataError(f"{self.path} is not a complete shard set (no index.json); {_REBUILD}")
@@ -273,6 +306,8 @@ class ShardSet:
         self.num_documents: int = int(index["num_documents"])
 
         shards = index["shards"]
+        # Per shard: {"tokens": ..., "docs": ...} or None for an index written before checksums.
+        self.shard_checksums: list[dict[str, str] | None] = [s.get("checksum") or None for s in shards]
         self.shard_names: list[str] = [s["name"] for s in shards]
         self.shard_domains: list[str] = [str(s.get("domain") or DEFAULT_DOMAIN) for s in shards]
         sizes = np.array([int(s["num_tokens"]) for s in shards], dtype=np.int64)
@@ -335,6 +370,7 @@ class ShardSet:
         np.cumsum(self._shard_docs, out=doc_bounds[1:])
         sizes = self._shard_sizes[keep]
         view.shard_names = [self.shard_names[i] for i in keep]
+        view.shard_checksums = [self.shard_checksums[i] for i in keep]
         view.shard_domains = [name] * len(keep)
         view._shard_sizes = sizes
         view._shard_docs = self._shard_docs[keep]
@@ -377,12 +413,62 @@ class ShardSet:
             raise DataError(f"{self.path}: shard {name} has invalid document offsets; {_REBUILD}")
         return docs
 
+    # ------------------------------------------------------------ verification
+    @property
+    def has_checksums(self) -> bool:
+        """False for an index written before shards carried checksums (nothing to compare)."""
+        return all(c is not None for c in self.shard_checksums)
+
+    def verify_shard(self, i: int, tokens: np.ndarray | None = None) -> None:
+        """Check shard ``i`` in full: its files' checksums (when the index has them) and its token range.
+
+        One sequential read of the shard's files plus a vectorised max over its tokens.
+        Raises a one-line ``DataError`` naming the file.
+        """
+        name = self.shard_names[i]
+        tok_path, doc_path = self.path / f"{name}.tokens.npy", self.path / f"{name}.docs.npy"
+        expected = self.shard_checksums[i]
+        if expected is not None:
+            for kind, path in (("tokens", tok_path), ("docs", doc_path)):
+                want = expected.get(kind)
+                if want is None:
+                    continue
+                try:
+                    got = file_checksum(path)
+                except OSError as e:
+                    raise DataError(f"{path}: unreadable ({e.strerror or e}); {_REBUILD}") from None
+                if got != want:
+                    raise DataError(
+                        f"{path}: checksum mismatch ({got}, index says {want}): the file is corrupt or changed "
+                        f"since it was built; restore it or {_REBUILD}"
+                    )
+        if tokens is None:
+            tokens = np.load(tok_path, mmap_mode="r")
+        if tokens.size and int(tokens.max()) >= self.vocab_size:
+            bad = int(tokens.max())
+            raise DataError(
+                f"{tok_path}: token id {bad} is outside the vocabulary of {self.vocab_size} ids (index vocab_size): "
+                f"the shard is corrupt or was built with another tokenizer; {_REBUILD}"
+            )
+
+    def _open_shard(self, i: int) -> np.ndarray:
+        path = self.path / f"{self.shard_names[i]}.tokens.npy"
+        tokens = np.load(path, mmap_mode="r")
+        if self.verify:
+            st = os.stat(path)
+            key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+            if key not in _VERIFIED:
+                self.verify_shard(i, tokens)
+                _VERIFIED.add(key)
+        return tokens
+
     # The memory maps are opened lazily and not pickled: a DataLoader worker gets a
-    # copy of the dataset, and pickling a memmap would copy the whole array.
+    # copy of the dataset, and pickling a memmap would copy the whole array. The first
+    # open of a shard in a process verifies it (``verify_shard``), once per process.
     @property
     def shards(self) -> list[np.ndarray]:
         if self._tokens is None:
-            self._tokens = [np.load(self.path / f"{n}.tokens.npy", mmap_mode="r") for n in self.shard_names]
+            self._tokens = [self._open_shard(i) for i in range(len(self.shard_names))]
         return self._tokens
 
     def __getstate__(self) -> dict[str, Any]:
