@@ -32,7 +32,7 @@ from recipe.data.packing import Splitter, load_tokenizer
 from recipe.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter
 from recipe.errors import ConfigError
 
-__all__ = ["DEFAULT_WEIGHTS", "Pack", "mix_targets"]
+__all__ = ["DEFAULT_WEIGHTS", "NothingSurvived", "Pack", "mix_targets"]
 
 # The Llama 3 final mix (paper section 3.1.2): general knowledge, math and reasoning, code, multilingual.
 DEFAULT_WEIGHTS = {"general": 0.50, "math": 0.25, "code": 0.17, "multilingual": 0.08}
@@ -52,6 +52,10 @@ def mix_targets(tokens: dict[str, int], weights: dict[str, float], total: int | 
     budget = float(total) if total is not None else min(tokens[b] / s for b, s in share.items())
     targets |= {b: (share[b] * budget if b in share else 0.0) for b in tokens if b in weights}
     return targets
+
+
+class NothingSurvived(DataError):
+    """Every document was dropped before packing: there is nothing to write."""
 
 
 @register
@@ -190,8 +194,8 @@ class Pack(Stage):
             g.close()
         tokens = {b: int(sum(m["length"])) for b, m in sorted(self._meta.items())}
         if not tokens or sum(tokens.values()) == 0:
-            raise DataError("no document survived curation; loosen the filters (see the drop counts per stage) "
-                            "or check the input")  # fmt: skip
+            raise NothingSurvived("no document survived curation; loosen the filters (see the drop counts per stage) "
+                                  "or check the input")  # fmt: skip
         targets = mix_targets(tokens, self.weights, self.total_tokens) if self.weights else dict(tokens)
         tok = self.tok
         meta = dict(vocab_size=tok.n_words, bos_id=tok.bos_id, eos_id=tok.eos_id,

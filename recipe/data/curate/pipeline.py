@@ -11,6 +11,12 @@ Everything - shards, report, scratch - is built in ``<output>.tmp-<pid>`` and re
 to ``<output>`` at the end (``recipe.data.shards.atomic_dir``): an interrupted run
 leaves no ``<output>``, and its leftover temp folder is removed by the next run. The
 same config and input give the same shards (hash-based choices, ordered workers).
+
+When no document survives, the run logs the drop counts of every stage (one line
+each, with the reasons), writes the report (with the dropped samples and the
+quarantine file) to ``<output>.failed/report/`` - not to ``<output>``, which is never
+published without shards - and then fails with one line naming that folder. A later
+successful run removes ``<output>.failed``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from recipe.data.corpus import list_inputs
-from recipe.data.curate.pack import Pack
+from recipe.data.curate.pack import NothingSurvived, Pack
 from recipe.data.curate.progress import Progress
 from recipe.data.curate.reader import Quarantined, read_records
 from recipe.data.curate.record import Doc
@@ -36,7 +42,7 @@ from recipe.data.errors import DataError
 from recipe.data.shards import atomic_dir
 from recipe.errors import ConfigError
 
-__all__ = ["CurateConfig", "curate", "load_config", "prepare_demo_inputs"]
+__all__ = ["CurateConfig", "curate", "failed_dir", "load_config", "prepare_demo_inputs"]
 
 
 @dataclass
@@ -282,9 +288,11 @@ def curate(cfg: CurateConfig, overwrite: bool = False, log: Callable[[str], None
     out = Path(cfg.output)
     _remove_stale(out, log)
     workers = cfg.workers if cfg.workers is not None else min(os.cpu_count() or 1, 8)
+    failed = failed_dir(out)
     with atomic_dir(out, overwrite=overwrite, what="output") as root:
         run = _Run(cfg, stages, root, log, progress)
         ctx = Context(work_dir=run.work, workers=max(1, workers), log=log, sample=run.sink.sample, progress=progress)
+        nothing: NothingSurvived | None = None
         try:
             for stage in stages:
                 stage.setup(ctx)
@@ -295,7 +303,12 @@ def curate(cfg: CurateConfig, overwrite: bool = False, log: Callable[[str], None
                 "config": config_path, "input": [str(p) for p in cfg.input], "output": str(out),
                 "stages": [s.to_dict() for s in stats],
             }  # fmt: skip
-            summary = stages[-1].write(root, base)
+            try:
+                summary = stages[-1].write(root, base)
+            except NothingSurvived as e:
+                nothing = e
+                empty = {"documents": 0, "tokens": 0}
+                summary = {"mix": {}, "shards": {"train": dict(empty), "val": dict(empty)}, "error": str(e)}
         finally:
             run.sink.close()
         stats.append(stages[-1].stats)
@@ -315,8 +328,33 @@ def curate(cfg: CurateConfig, overwrite: bool = False, log: Callable[[str], None
         assert report["documents_read"] == dropped + report["documents_written"]
         write_reports(root / "report", report)
         shutil.rmtree(run.work)
+        if nothing is not None:
+            for line in _drop_lines(report):
+                log(line)
+            shutil.rmtree(failed, ignore_errors=True)
+            failed.mkdir(parents=True)
+            os.replace(root / "report", failed / "report")
+            raise DataError(f"no document survived curation; see the drop counts per stage above and the report "
+                            f"in {failed / 'report'}; loosen the filters or check the input") from None  # fmt: skip
+    shutil.rmtree(failed, ignore_errors=True)  # a failed earlier run's report no longer applies
     log(_summary_line(report))
     return report
+
+
+def failed_dir(out: str | os.PathLike) -> Path:
+    """Where a run in which no document survived leaves its report: ``<output>.failed``."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.failed")
+
+
+def _drop_lines(report: dict[str, Any]) -> list[str]:
+    """One line per stage: documents in, out and dropped, with the count of every reason."""
+    lines = []
+    for s in report["stages"]:
+        reasons = ", ".join(f"{r} {d['documents']:,}" for r, d in s["dropped"].items())
+        lines.append(f"  {s['name']}: {s['documents_in']:,} in, {s['documents_out']:,} out, "
+                     f"{s['documents_dropped']:,} dropped" + (f" ({reasons})" if reasons else ""))  # fmt: skip
+    return lines
 
 
 def _summary_line(report: dict[str, Any]) -> str:

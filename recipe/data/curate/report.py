@@ -99,6 +99,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"written: {report['documents_written']:,}",
         *(f"- {split}: {v['documents']:,} documents, {v['tokens']:,} tokens" for split, v in shards.items()),
         f"- wall time: {report['wall_time_s']:.1f} s", "",
+        *([f"**Failed: {report['error']}**", ""] if report.get("error") else []),
         "## Stages", "", _md_table(_STAGE_HEAD, _stage_rows(report)), "",
         "## Mix", "", _md_table(_MIX_HEAD, _mix_rows(report)), "",
         "Samples of every drop reason: `report/dropped/<stage>.<reason>.jsonl`; "
@@ -143,6 +144,7 @@ def format_html(report: dict[str, Any]) -> str:
     summary = html.escape(
         f"read {report['documents_read']:,} documents, quarantined {report['documents_quarantined']:,}, "
         f"wrote {report['documents_written']:,} in {report['wall_time_s']:.1f} s"
+        + (f"; failed: {report['error']}" if report.get("error") else "")
     )
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Curation report</title><style>{style}</style>"
             f"</head><body><h1>Curation report</h1><p>{summary}</p><h2>Stages</h2>"

@@ -3,21 +3,41 @@
 The first pass builds a table ``hash(normalized url) -> (newest date, position)``
 (16 bytes of key and value per distinct URL; the URLs themselves are not kept); the
 second keeps the document at that position and drops the others as
-``url_duplicate``. Equal dates keep the first one seen, so reruns agree. A missing
-or unreadable date sorts before every real date (and is counted).
+``url_duplicate``. Equal dates keep the first one seen, so reruns agree.
+
+Dates are read by ``read_date`` in these formats only (anything else is unparsed):
+- ISO 8601 dates and datetimes, with or without a zone: ``2024-01-01``,
+  ``2024-01-01T10:00:00``, ``2024-01-01 10:00:00+02:00``, ``2024-01-01T10:00:00Z``,
+  the compact ``20240101`` / ``20240101T100000Z``, and ``2024/01/01`` (read as ``2024-01-01``);
+- RFC 2822 (e-mail / HTTP style): ``Mon, 01 Jan 2024 10:00:00 +0000``, ``1 Jan 2024 10:00 GMT``;
+- a number (a JSON number, or a string of digits): an integer ``YYYYMMDD`` from
+  19900101 to 21001231 that is a real calendar date is that day (so ``"date": 20240101``
+  is 2024-01-01, not 1970-08-23); any other number is Unix seconds if it lies from
+  1990-01-01 to 2100-01-01 (631152000 .. 4102444800), and is unparsed otherwise
+  (milliseconds, 1970-era values, negatives).
+A date or datetime without a zone is taken as UTC.
+
+A document whose date is missing or unparsed is kept, undated: it sorts before every
+dated version of its URL (so a dated version is kept over it; among undated ones the
+first wins). The stage counts such documents (documents with a URL only) in its
+counters - ``date_missing``, ``date_unparsed``, and ``date_unparsed:<reason>`` with
+``<reason>`` one of ``unknown_format``, ``number_out_of_range``, ``not_a_calendar_date`` -
+and keeps a few of the unparsed values in its notes (``date_unparsed_examples``).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from recipe.data.curate.record import Doc, text_hash64
 from recipe.data.curate.stage import Stage, register
 
-__all__ = ["UrlDedup", "normalize_url", "parse_date"]
+__all__ = ["UrlDedup", "normalize_url", "parse_date", "read_date"]
 
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 _TRACKING = ("utm_", "fbclid", "gclid", "mc_cid", "mc_eid")
@@ -42,22 +62,55 @@ def normalize_url(url: str) -> str:
     return urlunsplit((scheme, netloc, path, urlencode(query), ""))
 
 
-def parse_date(value: str | None) -> float | None:
-    """Seconds since the epoch (UTC) of an ISO-8601 date/datetime or a number; None if unreadable."""
-    if value is None or not str(value).strip():
-        return None
+_SECONDS_MIN = 631152000.0  # 1990-01-01T00:00:00Z
+_SECONDS_MAX = 4102444800.0  # 2100-01-01T00:00:00Z
+_NUMBER = re.compile(r"[+-]?\d+(?:\.\d*)?")
+_ISO_SLASH = re.compile(r"\d{4}/\d{1,2}/\d{1,2}")
+UNPARSED_EXAMPLES = 5
+
+
+def read_date(value: object) -> tuple[float | None, str | None]:
+    """``(seconds since the epoch UTC, None)`` for a date in an accepted format (see the
+    module docstring), else ``(None, reason)``: ``missing``, ``unknown_format``,
+    ``number_out_of_range`` or ``not_a_calendar_date``."""
+    if value is None or isinstance(value, bool):
+        return (None, "missing") if value is None else (None, "unknown_format")
+    if isinstance(value, (int, float)):
+        return _read_number(float(value))
     text = str(value).strip()
+    if not text:
+        return None, "missing"
+    if _NUMBER.fullmatch(text):
+        return _read_number(float(text))
+    if _ISO_SLASH.match(text):
+        text = text[:10].replace("/", "-") + text[10:]
     try:
-        return float(text)  # already a timestamp
+        dt = datetime.fromisoformat(text)
     except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(text.replace("/", "-"))
-    except ValueError:
-        return None
+        try:
+            dt = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None, "unknown_format"
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+    return dt.timestamp(), None
+
+
+def _read_number(x: float) -> tuple[float | None, str | None]:
+    if math.isfinite(x) and x.is_integer() and 19900101 <= x <= 21001231:  # compact ISO YYYYMMDD
+        n = int(x)
+        try:
+            return datetime(n // 10000, n // 100 % 100, n % 100, tzinfo=timezone.utc).timestamp(), None
+        except ValueError:
+            return None, "not_a_calendar_date"
+    if math.isfinite(x) and _SECONDS_MIN <= x < _SECONDS_MAX:
+        return x, None
+    return None, "number_out_of_range"
+
+
+def parse_date(value: object) -> float | None:
+    """Seconds since the epoch (UTC) of a date in an accepted format; None if missing or unparsed."""
+    return read_date(value)[0]
 
 
 @register
@@ -72,24 +125,32 @@ class UrlDedup(Stage):
         self.best: dict[int, tuple[float, int]] = {}
         self._pos = 0
 
-    def _key(self, doc: Doc) -> tuple[int, float] | None:
+    def _key(self, doc: Doc) -> tuple[int, float, str | None] | None:
         if not doc.url:
             return None
-        ts = parse_date(doc.date)
-        return text_hash64(normalize_url(doc.url)), (-math.inf if ts is None else ts)
+        ts, why = read_date(doc.date)
+        return text_hash64(normalize_url(doc.url)), (-math.inf if ts is None else ts), why
 
     def fit(self, docs: Iterator[Doc]) -> None:
+        examples: list[str] = []
         for pos, doc in enumerate(docs):
             key = self._key(doc)
             if key is None:
                 continue
-            h, ts = key
-            if ts == -math.inf:
-                self.count("unreadable_or_missing_date")
+            h, ts, why = key
+            if why == "missing":
+                self.count("date_missing")
+            elif why is not None:  # kept, undated; counted with its reason
+                self.count("date_unparsed")
+                self.count(f"date_unparsed:{why}")
+                if len(examples) < UNPARSED_EXAMPLES:
+                    examples.append(f"{doc.source}: {str(doc.date)[:80]!r} ({why})")
             old = self.best.get(h)
             if old is None or ts > old[0]:
                 self.best[h] = (ts, pos)
         self.stats.notes["distinct_urls"] = len(self.best)
+        if examples:
+            self.stats.notes["date_unparsed_examples"] = examples
 
     def process(self, docs: list[Doc]) -> None:
         for doc in docs:
