@@ -145,3 +145,21 @@ def test_verification_runs_once_per_process(tmp_path, monkeypatch):
     assert calls == []
     ShardSet(path, verify=False).window(0, 4)
     assert calls == []
+
+
+def test_fit_on_out_of_vocabulary_shard_stops_with_one_line(tmp_path, capsys):
+    import yaml
+    from cli_runs import tiny_fit_config
+
+    root = make_data_dir(tmp_path / "d")
+    # Id 1000 with a 64-token model: this used to end in the embedding's "IndexError: index out of range in self".
+    bad = rewrite_tokens(root / "train", "shard_00000", lambda a: a.__setitem__(2, 1000), keep_checksum_valid=True)
+    config = tiny_fit_config(tmp_path, root, "oov", 2, [], seed=0, checkpoint_every=2)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["arch"]["vocab_size"] = 64
+    config.write_text(yaml.safe_dump(cfg))
+    assert recipe_main(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(bad) in lines[0] and "outside the vocabulary" in lines[0], err
+    assert "IndexError" not in err and "Traceback" not in err
