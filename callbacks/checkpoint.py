@@ -8,6 +8,9 @@ hundreds of times needs:
   intact one;
 * retention: step checkpoints (``step=00001000.ckpt``) keep the newest ``keep_last``
   plus every ``keep_every``-th step; ``last.ckpt`` is always kept;
+* one training run per folder: a second one stops before its first step with a one-line
+  error naming the holder's host and pid (``recipe.run_lock``; a dead holder's lock is
+  taken over);
 * SIGTERM (and SIGUSR1, which SLURM sends ahead of a pre-emption) ask for a stop: at the
   next step boundary - never inside a collective - every rank saves ``last.ckpt``
   together, and the run exits so that ``--ckpt_path last`` continues it.
@@ -31,9 +34,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from recipe import run_lock
 from recipe.checkpointing import AtomicCheckpointIO, remove
 from recipe.errors import ConfigError
 from recipe.lightning_compat import ResolvedDirCheckpoint, mark_sigterm_received
+from recipe.parallel import collectives
 
 _STEP = re.compile(r"^step=(\d+)\.ckpt$")
 
@@ -72,6 +77,7 @@ class RecipeCheckpoint(ResolvedDirCheckpoint):
         self.save_on_preemption = save_on_preemption
         self.async_save = async_save
         self._previous_sigusr1: Any = None
+        self._lock: Path | None = None
 
     def resolve_dirpath(self, trainer: L.Trainer) -> None:
         if self.dirpath is None:
@@ -79,6 +85,8 @@ class RecipeCheckpoint(ResolvedDirCheckpoint):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._lock_folder(trainer)
         strategy = trainer.strategy
         # Plain file saves (one process, DDP) become atomic with a manifest; the 4D
         # strategy does the same for its distributed checkpoints itself.
@@ -89,6 +97,18 @@ class RecipeCheckpoint(ResolvedDirCheckpoint):
 
             # It clones the state's tensors before handing them to its writer thread.
             strategy.checkpoint_io = AsyncCheckpointIO(strategy.checkpoint_io)
+
+    def _lock_folder(self, trainer: L.Trainer) -> None:
+        """One training run per checkpoint folder (``recipe.run_lock``); every rank stops alike."""
+        refusal = None
+        if trainer.is_global_zero:
+            try:
+                self._lock = run_lock.acquire(self.dirpath)
+            except run_lock.FolderInUseError as err:
+                refusal = str(err)
+        refusal = collectives.broadcast_object(refusal)
+        if refusal:
+            raise run_lock.FolderInUseError(refusal)
 
     # ------------------------------------------------------------------ retention
 
@@ -140,6 +160,8 @@ class RecipeCheckpoint(ResolvedDirCheckpoint):
                        "resume with --ckpt_path last")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        run_lock.release(self._lock)
+        self._lock = None
         if self._previous_sigusr1 is not None and hasattr(signal, "SIGUSR1"):
             signal.signal(signal.SIGUSR1, self._previous_sigusr1)
             self._previous_sigusr1 = None
