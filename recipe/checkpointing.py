@@ -188,13 +188,18 @@ class UntrustedCheckpointError(RecipeError):
     """A checkpoint holds objects that a checkpoint of this recipe never does."""
 
 
-def load_trusted(path: Path, map_location: Any = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True``, allowing the recipe's config classes."""
+def load_trusted(path: Path, map_location: Any = "cpu", mmap: bool | None = None) -> Any:
+    """``torch.load`` with ``weights_only=True``, allowing the recipe's config classes.
+
+    Nothing else is ever unpickled: a file naming any other global (a ``__reduce__``
+    payload such as ``os.system``) is refused with ``UntrustedCheckpointError`` before
+    anything in it runs.
+    """
     import pickle
 
     try:
         with torch.serialization.safe_globals(safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f"an object of class {found.group(1)}" if found else "objects outside the recipe's checkpoint format"
@@ -222,10 +227,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        chosen = resolve_intact(Path(path))
-        if weights_only is False:  # asked for explicitly by the caller
-            return torch.load(chosen, map_location=map_location or "cpu", weights_only=False)
-        return load_trusted(chosen, map_location=map_location or "cpu")
+        # ``weights_only`` is ignored: every load is weights-only, with the recipe's classes allowed.
+        return load_trusted(resolve_intact(Path(path)), map_location=map_location or "cpu")
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
         remove(Path(path))

@@ -199,12 +199,25 @@ def model_args_from_hf_config(config: Mapping[str, Any], where: str, max_seq_len
 # ----------------------------------------------------------------------------- import
 
 
+def _inside(file: Any, name: str, index: Path) -> str:
+    """``file`` of the index's ``weight_map``, if it names a file inside the checkpoint's folder.
+
+    An absolute path or a ``..`` would read (and with a symlink, also reveal) files anywhere;
+    the check is on the name as written, so a Hub cache's symlinked shards still load.
+    """
+    parts = Path(file).parts if isinstance(file, str) else ()
+    if not parts or Path(file).is_absolute() or ".." in parts or "\\" in file or ":" in parts[0]:
+        raise CheckpointError(f"{index} maps {name} to {file!r}, outside the checkpoint's folder; pass a checkpoint "
+                              "whose index names only its own shard files")
+    return file
+
+
 def _weight_files(src: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from the shard index or the single file."""
     index = src / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map") or {}
-        files = {name: src / file for name, file in weight_map.items()}
+        files = {name: src / _inside(file, name, index) for name, file in weight_map.items()}
         for name, file in files.items():
             if not file.is_file():
                 raise CheckpointError(f"{index.name} maps {name} to {file.name}, which is missing from {src}; "

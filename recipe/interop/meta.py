@@ -116,6 +116,21 @@ def _shape_error(name: str, shape: tuple[int, ...], full: tuple[int, ...], files
                            f"not make the {list(full)} that params.json gives; {hint}")
 
 
+def _load_shard(path: Path) -> Any:
+    """One ``consolidated.NN.pth``, memory-mapped and weights-only: tensors and containers, nothing that runs."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds objects a Meta checkpoint never does (only tensors are allowed); "
+                              "it was not loaded - download the release again from its source") from None
+    except Exception as err:  # noqa: BLE001 - whatever torch cannot read is the same user error
+        text = str(err).strip().splitlines()
+        raise CheckpointError(f"{path} is not a checkpoint torch.load can read "
+                              f"({text[0][:200] if text else type(err).__name__}); download the shard again") from None
+
+
 def import_meta(src: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | None = None,
                 max_seq_len: int | None = None, rope_scaling_factor: float | None = None) -> ModelArgs:
     """Convert a Meta release in ``src`` into a recipe weights directory ``out``.
@@ -128,7 +143,7 @@ def import_meta(src: str | os.PathLike, out: str | os.PathLike, dtype: torch.dty
         raise InteropError(f"{src} has no params.json; pass the directory of a Meta Llama 3 release")
     files = shard_files(src)
     # mmap: opening every shard costs address space, not memory.
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+    shards = [_load_shard(f) for f in files]
     names = [k for k in shards[0] if k not in _DERIVED]
     for shard, file in zip(shards[1:], files[1:]):
         differ = sorted(set(shard) ^ set(shards[0]))

@@ -280,8 +280,6 @@ class Parallel4DStrategy(ModelParallelStrategy):
         set_model_state_dict(self.model, state["state_dict"], options=StateDictOptions(strict=True))
         for i, optimizer in enumerate(self.optimizers):
             set_optimizer_state_dict(self.model, optimizer, state[f"optimizer_{i}"], options=flat)
-        if weights_only is False:
-            return torch.load(path / "meta.pt", weights_only=False)
-        from recipe.checkpointing import load_trusted
+        from recipe.checkpointing import load_trusted  # weights-only whatever ``weights_only`` asks
 
         return load_trusted(path / "meta.pt")

@@ -62,13 +62,16 @@ def _checkpoint_mix(checkpoint: Mapping[str, Any], position: int) -> dict[str, f
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    import torch
+    from recipe.checkpointing import load_trusted
+    from recipe.errors import RecipeError
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint not found: {path}; pass a Lightning .ckpt (a sweep run's final.ckpt)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = load_trusted(path, mmap=True)
+    except RecipeError:
+        raise
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input problem
         raise ConfigError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
                           "pass a Lightning .ckpt") from None
@@ -102,6 +105,7 @@ def _anneal(checkpoint_path: Path, checkpoint: Mapping[str, Any], mix: dict[str,
 
     from callbacks.annealing import LRAnnealing
     from callbacks.data_mix import DataMixSchedule, MixStage
+    from recipe.checkpointing import AtomicCheckpointIO
     from recipe.data.datamodule import TokenDataModule
     from recipe.module import LlamaLightningModule
 
@@ -124,12 +128,12 @@ def _anneal(checkpoint_path: Path, checkpoint: Mapping[str, Any], mix: dict[str,
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=int(checkpoint["global_step"]) + anneal_steps,
                         default_root_dir=str(logdir), limit_val_batches=0, num_sanity_val_steps=0,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        log_every_n_steps=1,
+                        log_every_n_steps=1, plugins=[AtomicCheckpointIO()],  # weights-only resume
                         logger=TensorBoardLogger(save_dir=str(logdir), name="", version=""), callbacks=callbacks)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*data-mix schedule that differs.*")
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint_path), weights_only=False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint_path))
     if int(trainer.global_step) != int(checkpoint["global_step"]) + anneal_steps:
         raise ScalingError(f"the annealing stopped at step {trainer.global_step}, not at "
                            f"{int(checkpoint['global_step']) + anneal_steps}")

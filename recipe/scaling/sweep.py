@@ -127,6 +127,7 @@ def train_run(config: SweepConfig, spec: RunSpec) -> dict[str, Any]:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from callbacks.data_mix import DataMixSchedule, MixStage
+    from recipe.checkpointing import AtomicCheckpointIO
     from recipe.data.datamodule import TokenDataModule
     from recipe.module import LlamaLightningModule
     from recipe.config import OptimizerConfig
@@ -163,6 +164,7 @@ def train_run(config: SweepConfig, spec: RunSpec) -> dict[str, Any]:
         logger=TensorBoardLogger(save_dir=str(folder), name="", version="tb"), log_every_n_steps=1,
         enable_checkpointing=bool(config.checkpoint_every), enable_progress_bar=False,
         enable_model_summary=False, callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],  # atomic saves; a resume loads weights-only
     )
     kwargs.update(config.trainer)
     if kwargs.get("accelerator") == "cpu":
@@ -172,8 +174,7 @@ def train_run(config: SweepConfig, spec: RunSpec) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         trainer = L.Trainer(**kwargs)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume.is_file() else None,
-                    weights_only=False if resume.is_file() else None)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume.is_file() else None)
     val_loss = module.evaluate_loss(validation_stream(datamodule, data.val_domain))
     result: dict[str, Any] = {
         "run_id": spec.run_id, "mix": spec.mix_name, "budget": spec.budget, "size": spec.size,
@@ -206,7 +207,12 @@ def _save_checkpoint(kind: str, trainer: Any, module: Any, folder: Path) -> str 
     if kind == "none":
         return None
     if kind == "full":  # resumable: optimizer, schedule position, data position (the annealing probe's input)
+        from recipe.checkpointing import AtomicCheckpointIO
+
         path = folder / "final.ckpt"
+        if isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):  # atomic itself, with a manifest
+            trainer.save_checkpoint(path)
+            return str(path)
         tmp = folder / f".final.ckpt.tmp-{os.getpid()}"
         trainer.save_checkpoint(tmp)
     else:
