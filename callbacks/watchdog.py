@@ -11,7 +11,9 @@ every step; a daemon thread on each rank then checks, every ``poll_seconds``:
   whose heartbeat is oldest (the likely culprit: the others wait for it).
 
 Stopping means printing one line naming the rank and exiting the process with status 1
-(a thread cannot interrupt a collective, so the process ends itself). A finished rank
+(a thread cannot interrupt a collective, so the process ends itself), which a scheduler
+counts as a failed job. A stalled culprit on the same host is killed first, so no stopped
+or hung rank stays behind holding its memory; one on another node ends with the job. A finished rank
 marks itself done, so the end of training is never mistaken for a failure.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -114,10 +117,24 @@ class RankWatchdog(L.Callback):
                     self._abort(f"rank {peer['rank']} (pid {peer['pid']} on {host}) died")
             idle = time.monotonic() - self._last_step
             if idle > self.stall_seconds:
-                ages = {p["rank"]: self._heartbeat_age(p["rank"]) for p in self._peers()}
+                peers = {p["rank"]: p for p in self._peers()}
+                ages = {rank: self._heartbeat_age(rank) for rank in peers}
                 culprit = max(ages, key=ages.get) if ages else self._rank
+                ended = self._end(peers[culprit], host) if culprit in peers else ""
                 self._abort(f"no step finished for {idle:.0f} s; rank {culprit} reported last "
-                            f"{ages.get(culprit, idle):.0f} s ago (stalled)")
+                            f"{ages.get(culprit, idle):.0f} s ago (stalled){ended}")
+
+    @staticmethod
+    def _end(peer: dict[str, Any], host: str) -> str:
+        """End a stalled rank on this host (a stopped or hung process would stay behind holding
+        its memory once the others exit); one on another host ends when the job fails."""
+        if peer["host"] != host:
+            return f"; it runs on {peer['host']}, where the scheduler ends it with this failed job"
+        try:
+            os.kill(peer["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            return ""
+        return f"; ended it (pid {peer['pid']})"
 
     def _abort(self, reason: str) -> None:
         print(f"error: {reason}; stopping rank {self._rank} - resume from the last checkpoint with --ckpt_path last",

@@ -259,3 +259,22 @@ def test_when_one_rank_of_four_dies_the_others_exit_naming_it_and_the_run_resume
     losses = read_loss_log(tmp_path / "rank_dies.losses")
     assert sorted(losses) == list(range(STEPS))
     assert [losses[s] for s in range(STEPS)] == pytest.approx([straight[s] for s in range(STEPS)], abs=1e-5)
+
+
+def test_a_stalled_rank_is_ended_by_the_others_and_nothing_stays_behind(tmp_path, data_dir):
+    stop = {"class_path": "fault_injection.KillAt", "init_args": {"step": 2, "rank": 1, "sig": "SIGSTOP"}}
+    watchdog = {"class_path": "callbacks.watchdog.RankWatchdog", "init_args": {"poll_seconds": 0.5,
+                                                                               "stall_seconds": 5}}
+    cfg = config(tmp_path, data_dir, "rank_stalls", [stop, watchdog])
+    strategy = ["--trainer.devices", "2", "--trainer.strategy", "recipe.parallel.strategy.Parallel4DStrategy",
+                "--trainer.strategy.dp_shard", "2", "--data.micro_batch_size", "2",
+                "--trainer.default_root_dir", str(tmp_path / "rank_stalls")]
+    proc = run_cli(["fit", "--config", str(cfg), *strategy])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "rank 1 reported last" in err and "(stalled); ended it (pid" in err, err[-3000:]
+    ranks = list((tmp_path / "rank_stalls" / ".ranks").glob("*/rank*.json"))
+    assert len(ranks) == 2
+    time.sleep(2)
+    for info in ranks:  # the stopped rank did not stay behind
+        pid = json.loads(info.read_text())["pid"]
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:4]
