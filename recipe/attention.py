@@ -131,14 +131,14 @@ class AttentionPlan:
 
     @classmethod
     def from_inputs(cls, batch: int, q_len: int, doc_ids: torch.Tensor | None = None,
-                    positions: torch.Tensor | None = None, kv_len: int | None = None) -> AttentionPlan:
+                    positions: torch.Tensor | None = None) -> AttentionPlan:
         """The plan of a direct model call: ``doc_ids`` (None: one document per row) and
         ``positions`` of the queries (None: ``0..q_len-1``). Device tensors are copied to the
         host, which waits for the device: training builds its plans from host ids instead."""
         if positions is not None:
             positions = positions.detach().reshape(-1, positions.shape[-1])[0].cpu().numpy()
         if doc_ids is None:
-            kv_len = kv_len or (int(positions.max()) + 1 if positions is not None and positions.size else q_len)
+            kv_len = int(positions.max()) + 1 if positions is not None and positions.size else q_len
             doc_ids = torch.zeros(batch, kv_len, dtype=torch.long)
         return cls(doc_ids.detach().cpu(), positions)
 
@@ -290,11 +290,16 @@ def segmented_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
 
 def _run_slices(plan: AttentionPlan) -> list[tuple[slice, int, int, int, int]]:
     """(rows, q_start, q_end, k_start, k_end) per kernel call, in output order: all rows
-    together when every row has the same runs (one causal call for one document per row)."""
-    runs = plan.runs
-    if plan.same_runs_every_row:
-        return [(slice(None), qs, qe, ks, ke) for _, qs, qe, ks, ke in runs[:len(runs) // plan.batch].tolist()]
-    return [(slice(row, row + 1), qs, qe, ks, ke) for row, qs, qe, ks, ke in runs.tolist()]
+    together when every row has the same runs (one causal call for one document per row).
+    Made once per plan: every layer's forward and backward walk the same list."""
+
+    def build() -> list[tuple[slice, int, int, int, int]]:
+        runs = plan.runs
+        if plan.same_runs_every_row:
+            return [(slice(None), qs, qe, ks, ke) for _, qs, qe, ks, ke in runs[:len(runs) // plan.batch].tolist()]
+        return [(slice(row, row + 1), qs, qe, ks, ke) for row, qs, qe, ks, ke in runs.tolist()]
+
+    return plan._cached(("run slices",), build)
 
 
 def run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

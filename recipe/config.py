@@ -8,9 +8,27 @@ planner) import these, never the other way round. LightningCLI builds them from 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from recipe.errors import ConfigError, ModelConfigError
+
+
+def read_yaml(path: str | os.PathLike, what: str = "config file") -> Any:
+    """The parsed YAML file at ``path`` (``{}`` when empty), or a one-line ``ConfigError``
+    naming ``what`` is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}; pass an existing YAML file to --config")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0] if str(err) else "invalid YAML"
+        raise ConfigError(f"{path} is not valid YAML ({first}); fix the file") from None
 
 
 ATTENTION_BACKENDS = ("auto", "dense", "segmented", "varlen", "flex")

@@ -8,12 +8,9 @@ imports another command's module.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from recipe.config import ModelArgs, RopeScaling
+from recipe.config import ModelArgs, RopeScaling, read_yaml
 from recipe.errors import ConfigError
 
 __all__ = ["describe_model", "model_args_from_config"]
@@ -28,14 +25,7 @@ def _model_section(config: dict[str, Any]) -> dict[str, Any]:
 
 def model_args_from_config(path: str | os.PathLike) -> ModelArgs:
     """``ModelArgs`` from the ``model.arch`` section of a ``recipe fit`` YAML config."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}; pass an existing YAML file to --config")
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        first = str(err).splitlines()[0] if str(err) else "invalid YAML"
-        raise ConfigError(f"{path} is not valid YAML ({first}); fix the file") from None
+    config = read_yaml(path)
     arch = dict(_model_section(config).get("arch") or {})
     if isinstance(arch.get("rope_scaling"), dict):
         arch["rope_scaling"] = RopeScaling(**arch["rope_scaling"])

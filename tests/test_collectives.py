@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ast_scan import dotted
 from dist_harness import run_world
 from recipe.parallel import collectives
 
@@ -35,14 +36,6 @@ DIST_COLLECTIVES = {
 }
 DIST_MODULES = {"torch.distributed", "torch.distributed.distributed_c10d", "torch.distributed._functional_collectives"}
 LIGHTNING_COLLECTIVES = {"broadcast", "barrier", "reduce", "all_gather", "reduce_boolean_decision"}
-
-
-def _dotted(node: ast.AST) -> str:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        return f"{_dotted(node.value)}.{node.attr}"
-    return ""
 
 
 def violations(source: str, filename: str = "<source>") -> list[str]:
@@ -65,7 +58,7 @@ def violations(source: str, filename: str = "<source>") -> list[str]:
                     direct.add(alias.asname or alias.name)
                     found.append(f"{filename}:{node.lineno}: imports {full}")
     strategy_classes = [node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
-                        and any("Strategy" in _dotted(base) for base in node.bases)]
+                        and any("Strategy" in dotted(base) for base in node.bases)]
     in_strategy = {id(n) for cls in strategy_classes for n in ast.walk(cls)}
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
@@ -75,7 +68,7 @@ def violations(source: str, filename: str = "<source>") -> list[str]:
             found.append(f"{filename}:{node.lineno}: {func.id}(...)")
         if not isinstance(func, ast.Attribute):
             continue
-        receiver = _dotted(func.value)
+        receiver = dotted(func.value)
         if func.attr in DIST_COLLECTIVES and (receiver in aliases or receiver in DIST_MODULES):
             found.append(f"{filename}:{node.lineno}: {receiver}.{func.attr}(...)")
         elif func.attr in LIGHTNING_COLLECTIVES and (

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ast_scan import dotted
 from recipe.errors import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,14 +30,6 @@ SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader", "BaseLoader", "CBaseLoader"}
 
 
 # ----------------------------------------------------------------------------- the walker
-
-
-def _dotted(node: ast.AST) -> str:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        return f"{_dotted(node.value)}.{node.attr}"
-    return ""
 
 
 def unsafe_loads(source: str, filename: str = "<snippet>") -> list[str]:
@@ -60,7 +53,7 @@ def unsafe_loads(source: str, filename: str = "<snippet>") -> list[str]:
             if kw.arg == "weights_only" and any(isinstance(v, ast.Constant) and v.value is False
                                                 for v in ast.walk(kw.value)):  # also ``False if x else None``
                 found.append(f"{where}: weights_only=False")
-        name = _dotted(node.func)
+        name = dotted(node.func)
         head, _, rest = name.partition(".")
         full = f"{aliases.get(head, head)}.{rest}" if rest else aliases.get(head, head)
         module, _, func = full.rpartition(".")
@@ -71,7 +64,7 @@ def unsafe_loads(source: str, filename: str = "<snippet>") -> list[str]:
         if module == "yaml" and func in ("load", "load_all"):
             loader = next((kw.value for kw in node.keywords if kw.arg == "Loader"),
                           node.args[1] if len(node.args) > 1 else None)
-            if loader is None or _dotted(loader).rpartition(".")[2] not in SAFE_YAML_LOADERS:
+            if loader is None or dotted(loader).rpartition(".")[2] not in SAFE_YAML_LOADERS:
                 found.append(f"{where}: {full} without a safe Loader")
     return found
 
@@ -121,13 +114,13 @@ def test_no_unsafe_load_in_the_code():
 
 
 class _Payload:
-    """Unpickling this runs a shell command that creates ``marker``."""
+    """Unpickling this runs a shell command that creates ``marker`` (the same command on any OS)."""
 
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
     def __reduce__(self):  # noqa: ANN204
-        return os.system, (f"touch {self.marker}",)
+        return os.system, (f'"{sys.executable}" -c "open(r\'{self.marker}\', \'w\').close()"',)
 
 
 def _crafted(path: Path, marker: Path, raw: bool = False) -> Path:
@@ -151,7 +144,6 @@ def _refused(call, marker: Path) -> str:
     return message
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="the payload is a POSIX shell command")
 @pytest.mark.parametrize("raw", [False, True], ids=["torch-zip", "raw-pickle"])
 def test_resume_load_refuses_a_crafted_checkpoint(tmp_path, raw):
     from recipe.checkpointing import AtomicCheckpointIO, UntrustedCheckpointError
@@ -170,7 +162,6 @@ def test_resume_load_refuses_a_crafted_checkpoint(tmp_path, raw):
         AtomicCheckpointIO().load_checkpoint(path)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="the payload is a POSIX shell command")
 def test_anneal_probe_refuses_a_crafted_checkpoint(tmp_path):
     from recipe.scaling.anneal_probe import read_checkpoint
 
@@ -179,7 +170,6 @@ def test_anneal_probe_refuses_a_crafted_checkpoint(tmp_path):
     _refused(lambda: read_checkpoint(path), marker)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="the payload is a POSIX shell command")
 def test_sweep_resume_refuses_a_crafted_checkpoint(tmp_path):
     from test_scaling import tiny_sweep
 
@@ -193,7 +183,6 @@ def test_sweep_resume_refuses_a_crafted_checkpoint(tmp_path):
     _refused(lambda: sweep.train_run(config, spec), marker)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="the payload is a POSIX shell command")
 def test_interop_loaders_refuse_a_crafted_checkpoint(tmp_path, capsys):
     from recipe.cli import main
     from recipe.interop.checkpoint import open_weights

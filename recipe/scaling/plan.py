@@ -28,11 +28,9 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from recipe.config import read_yaml
 from recipe.errors import ConfigError, RecipeError
 from recipe.model import ModelArgs
 
@@ -301,15 +299,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> SweepConfig:
 
 
 def load_config(path: str | os.PathLike) -> SweepConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"scaling config not found: {path}; pass an existing YAML file to --config")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        first = str(err).splitlines()[0] if str(err) else "invalid YAML"
-        raise ConfigError(f"{path} is not valid YAML ({first}); fix the file") from None
-    return parse_config(raw, str(path))
+    return parse_config(read_yaml(path, "scaling config"), str(path))
 
 
 # ---------------------------------------------------------------------------- planning
