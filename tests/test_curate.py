@@ -168,7 +168,8 @@ def planted_corpus(path: Path, refs: list[str]) -> tuple[dict[str, tuple[str, st
     add({"text": good[14][:1200], "url": "https://sub.blocked.example/x"}, ("blocklist", "blocked_domain"))
     rng = random.Random(0)
     gib = " ".join("".join(rng.choices("bcdfghjklmnpqrstvwxz", k=rng.randint(4, 9))) for _ in range(60))
-    add({"text": gib}, ("token_kl", "token_kl"))
+    # Random consonant strings: token_kl's character check drops them before their KL score is looked at.
+    add({"text": gib}, ("token_kl", "random_chars"))
     add({"text": SPAM}, ("quality", "low_quality"))
     add({"text": good[15][:1500] + "\n\nContact: jane.doe@example.org, +1 (555) 010-2000, server 192.0.2.7."})
     add({"text": "# A Title\n\nSome **bold** words and a [link](https://x.org) in " + good[14][:900]})

@@ -49,7 +49,7 @@ class Document:
     domain: str | None = None
 
 
-def _kind(path: Path) -> str | None:
+def corpus_kind(path: Path) -> str | None:
     """Which reader handles ``path`` (None: not a supported input)."""
     if path.is_dir():
         return "hf" if any((path / m).is_file() for m in _HF_MARKERS) else None
@@ -68,7 +68,7 @@ def _walk(folder: Path) -> Iterator[tuple[Path, str]]:
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         if entry.name.startswith("."):  # .git, .cache, editor droppings
             continue
-        kind = _kind(entry)
+        kind = corpus_kind(entry)
         if kind is not None:
             yield entry, kind
         elif entry.is_dir():
@@ -80,7 +80,7 @@ def list_inputs(path: str | os.PathLike) -> list[tuple[Path, str]]:
     root = Path(path)
     if not root.exists():
         raise DataError(f"corpus path {root} does not exist; check the path (a {SUPPORTED} file, or a folder of them)")
-    kind = _kind(root)
+    kind = corpus_kind(root)
     if kind is not None:
         return [(root, kind)]
     if root.is_dir():

@@ -6,7 +6,9 @@ train/val shard layout that ``recipe fit`` reads, one shard group per domain buc
 
 Modules:
   pipeline.py    config, passes over the data, atomic publication, the entry point ``curate``
-  reader.py      lenient input reading; bad records are quarantined with a reason
+  reader.py      lenient input reading (jsonl, parquet, text, WARC; local or fsspec URLs); bad records are
+                 quarantined with a reason
+  fate.py        report/fates.parquet: one row per input document (kept, modified, dropped, quarantined)
   stage.py       the Stage contract, per-stage accounting, building stages from config
   report.py      JSON / Markdown / HTML report and the audit samples of every drop
   clean.py       1  Unicode NFC, whitespace, Markdown, HTML extraction
@@ -14,10 +16,10 @@ Modules:
   line_dedup.py  3  ccNet line dedup per bucket of documents
   near_dedup.py  4  exact hash, then MinHash + LSH (minhash.py: the numpy implementation)
   heuristics.py  5  Gopher repetition rules, basic shape rules, dirty words
-  kl_filter.py   5  token-distribution KL divergence against the bucket
+  kl_filter.py   5  token-distribution KL divergence against the bucket, random-character pages
   safety.py      6  domain block list, PII masking
   quality.py     7  fastText-style quality classifier (numpy logistic regression)
-  domains.py     8  domain buckets, language id (langid.py), topics, down-sampling
+  domains.py     8  domain buckets, language id (langid.py: fastText lid.176), topics, down-sampling
   pack.py        9  mix by weights, tokenize, pack into shards
   text.py, detect.py, record.py, synthetic.py, progress.py: shared pieces
 """

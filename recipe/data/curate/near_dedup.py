@@ -5,7 +5,8 @@ documents) its MinHash signature and LSH band keys, streamed to two files in the
 scratch folder. Then: the first of equal hashes is kept (``exact_duplicate`` for the
 rest); the other documents are clustered by LSH with verification
 (``recipe.data.curate.minhash``) and each cluster keeps its first document
-(``near_duplicate`` for the rest). Memory: one band of keys and the candidate pairs;
+(``near_duplicate`` for the rest); a dropped copy names the kept document's id
+(``duplicate_of``, for the fate log). Memory: one band of keys and the candidate pairs;
 the signatures stay on disk (memory-mapped).
 """
 
@@ -19,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 
 from recipe.data.curate.minhash import MinHasher, band_keys, lsh_clusters, threshold_of
-from recipe.data.curate.record import Doc, text_hash64
+from recipe.data.curate.record import Doc, doc_id, text_hash64
 from recipe.data.curate.stage import Stage, register
 from recipe.errors import ConfigError
 
@@ -143,10 +144,15 @@ class NearDedup(Stage):
             if pos in self._needed:
                 self._sources[pos] = doc.source
             kind = self.decision[pos]
+            if kind == _KEEP:
+                continue
+            # The kept document comes first in the stream, so its source is known by now.
+            kept = self._sources.get(int(self.rep[pos]))
+            kept_id = None if kept is None else doc_id(kept)
             if kind == _EXACT:
-                self.drop(doc, "exact_duplicate", f"same text as {self._sources.get(int(self.rep[pos]))}")
+                self.drop(doc, "exact_duplicate", f"same text as {kept}", duplicate_of=kept_id)
             elif kind == _NEAR:
-                self.drop(doc, "near_duplicate", f"near-duplicate of {self._sources.get(int(self.rep[pos]))}")
+                self.drop(doc, "near_duplicate", f"near-duplicate of {kept}", duplicate_of=kept_id)
 
     def finish(self) -> None:
         self.decision, self.rep, self._sources = np.zeros(0, np.int8), np.zeros(0, np.int64), {}

@@ -174,7 +174,9 @@ class Pack(Stage):
                 meta["split"].append(split)
                 meta["sample"].append(sample)
                 meta["bytes"].append(doc.nbytes)
-                meta_file.write(json.dumps({"source": doc.source, "head": doc.text[:300]}, ensure_ascii=False) + "\n")
+                # What the drop samples and the fate log need once the mix is chosen (the text itself is gone).
+                meta_file.write(json.dumps({"source": doc.source, "head": doc.text[:300], "url": doc.url,
+                                            "date": doc.date, "edited_by": doc.edited_by}, ensure_ascii=False) + "\n")
 
     def _path(self, bucket: str, ext: str) -> Path:
         assert self.ctx is not None
@@ -212,14 +214,16 @@ class Pack(Stage):
                 lengths = np.asarray(m["length"], dtype=np.int64)
                 starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
                 flat = np.memmap(self._path(bucket, "u32"), dtype=np.uint32, mode="r") if lengths.sum() else None
+                fate = self.ctx.fate if self.ctx is not None else None
                 with open(self._path(bucket, "jsonl")) as heads:
                     for i, line in enumerate(heads):
                         if keep[i]:
                             doc_tokens = np.array(flat[starts[i] : starts[i] + lengths[i]])
                             splitter.add(m["split"][i], doc_tokens, domain)
+                            if fate is not None:
+                                fate(self.label, self._doc(json.loads(line), bucket), "kept", None)
                         else:
-                            rec = json.loads(line)
-                            self.drop(Doc(rec["head"], rec["source"], bucket=bucket), "mix_downsample",
+                            self.drop(self._doc(json.loads(line), bucket), "mix_downsample",
                                       f"{bucket} over its mix share", nbytes=m["bytes"][i])  # fmt: skip
                 del flat
                 kept_tokens = int(lengths[keep].sum())
@@ -248,6 +252,11 @@ class Pack(Stage):
             val.abort()
             raise
         return self.summary
+
+    @staticmethod
+    def _doc(rec: dict[str, Any], bucket: str) -> Doc:
+        return Doc(rec["head"], rec["source"], url=rec.get("url"), date=rec.get("date"), bucket=bucket,
+                   edited_by=rec.get("edited_by") or [])  # fmt: skip
 
     def _choose(self, bucket: str, target: float) -> np.ndarray:
         m = self._meta[bucket]

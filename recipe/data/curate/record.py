@@ -3,7 +3,8 @@
 A ``Doc`` is mutable on purpose: cleaning and PII masking rewrite ``text`` in place,
 the domain classifier sets ``bucket``/``language``/``topic``, a filter sets
 ``drop_reason``. The runner reads ``drop_reason`` after each stage, so a stage never
-has to rebuild the batch to drop something.
+has to rebuild the batch to drop something, and records in ``edited_by`` each stage
+that changed ``text`` (the fate log reports those documents as modified).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Doc", "hash01", "hash01_pair", "text_hash64"]
+__all__ = ["Doc", "doc_id", "hash01", "hash01_pair", "text_hash64"]
 
-_SPILL_FIELDS = ("text", "source", "url", "date", "domain", "bucket", "language", "topic", "scores")
+_SPILL_FIELDS = ("text", "source", "url", "date", "domain", "bucket", "language", "topic", "scores", "edited_by")
 
 
 @dataclass(slots=True, eq=False)
@@ -33,10 +34,16 @@ class Doc:
     scores: dict[str, float] = field(default_factory=dict)
     drop_reason: str | None = None
     drop_detail: str | None = None
+    edited_by: list[str] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
         return len(self.text.encode("utf-8", "surrogatepass"))
+
+    @property
+    def doc_id(self) -> str:
+        """A stable id of this input document (see ``doc_id``)."""
+        return doc_id(self.source)
 
     def to_json(self) -> str:
         return json.dumps({k: getattr(self, k) for k in _SPILL_FIELDS}, ensure_ascii=False)
@@ -56,6 +63,12 @@ class Doc:
             "chars": len(self.text),
             "text": self.text[:max_chars],
         }
+
+
+def doc_id(source: str) -> str:
+    """The stable id of the input document read from ``source`` (``<file>:<line|row|offset>``):
+    16 hex digits of its hash, the same in every run over the same input."""
+    return f"{text_hash64(source):016x}"
 
 
 def text_hash64(text: str, salt: bytes = b"") -> int:

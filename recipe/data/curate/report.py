@@ -6,6 +6,8 @@ Written into ``<output>/report/``:
   report.html       the tables plus a bar chart of the drops (PNG embedded)
   dropped/<stage>.<reason>.jsonl   up to ``samples_per_reason`` dropped documents each
   quarantine.jsonl  every input record that could not be read, with its reason
+  fates.parquet     one row per input document: the stage that decided it, the decision and
+                    the reason (written by ``fate.FateLog``; ``fate_log: false`` turns it off)
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         "## Stages", "", _md_table(_STAGE_HEAD, _stage_rows(report)), "",
         "## Mix", "", _md_table(_MIX_HEAD, _mix_rows(report)), "",
         "Samples of every drop reason: `report/dropped/<stage>.<reason>.jsonl`; "
-        "unreadable input: `report/quarantine.jsonl`.", "",
+        "unreadable input: `report/quarantine.jsonl`"
+        + ("; every document's fate: `report/fates.parquet`." if report.get("fate_log") else "."), "",
     ]  # fmt: skip
     return "\n".join(lines)
 

@@ -3,7 +3,9 @@
 A stage does one job on batches of ``Doc``: it rewrites text, tags documents, or
 drops some with ``self.drop(doc, reason)``. Every drop goes through ``drop`` so it is
 counted (documents and bytes per reason) and sampled for the audit files; the runner
-checks ``documents in == documents out + dropped`` for each stage.
+checks ``documents in == documents out + dropped`` for each stage. A drop that is a
+duplicate names the document it duplicates (``duplicate_of``: that document's id), for
+the fate log; a stage that rewrites ``doc.text`` is noted in ``doc.edited_by``.
 
 A stage that needs a look at its whole input first (the URL table, the MinHash
 clusters, the corpus token distribution, the line counts per bucket) sets
@@ -85,6 +87,8 @@ class Context:
     log: Callable[[str], None] = print
     sample: Callable[[str, Doc], None] = lambda stage, doc: None
     progress: bool = False
+    # The fate log: (stage label, document, decision, duplicate_of); None when it is off.
+    fate: Callable[[str, Doc, str, str | None], None] | None = None
 
 
 class Stage:
@@ -124,13 +128,17 @@ class Stage:
             return bucket in self.buckets
         return bucket not in self.skip_buckets
 
-    def drop(self, doc: Doc, reason: str, detail: str | None = None, nbytes: int | None = None) -> None:
+    def drop(self, doc: Doc, reason: str, detail: str | None = None, nbytes: int | None = None,
+             duplicate_of: str | None = None) -> None:  # fmt: skip
+        """Drop ``doc`` for ``reason``; a duplicate names the kept document's id in ``duplicate_of``."""
         doc.drop_reason, doc.drop_detail = reason, detail
         entry = self.stats.dropped.setdefault(reason, {"documents": 0, "bytes": 0})
         entry["documents"] += 1
         entry["bytes"] += doc.nbytes if nbytes is None else nbytes
         if self.ctx is not None:
             self.ctx.sample(self.label, doc)
+            if self.ctx.fate is not None:
+                self.ctx.fate(self.label, doc, "dropped", duplicate_of)
 
     def count(self, counter: str, n: int = 1) -> None:
         if n:
@@ -143,7 +151,12 @@ class Stage:
         self.stats.bytes_in += sum(d.nbytes for d in batch)
         mine = [d for d in batch if self.applies(d)]
         if mine:
+            before = [d.text for d in mine]
             self.process(mine)
+            for doc, text in zip(mine, before):
+                # Identity first: most stages leave the very same string object in place.
+                if doc.text is not text and doc.text != text:
+                    doc.edited_by.append(self.label)
         kept = [d for d in batch if d.drop_reason is None]
         self.stats.documents_out += len(kept)
         self.stats.bytes_out += sum(d.nbytes for d in kept)

@@ -7,7 +7,8 @@ with the standard library in ``pydoc_data``):
 
 * the same URL crawled twice with different dates, near-duplicate copies, exact copies;
 * a cookie banner and a navigation line repeated across many pages;
-* log dumps, keyword spam, adult spam, random-string gibberish;
+* log dumps, keyword spam, adult spam, random-string gibberish, random-character spam
+  (letters, digits and symbols: the math detector takes its digits and operators for formulas);
 * pages with e-mail addresses, phone numbers and IP addresses;
 * pages from a blocked domain, French/German/Spanish pages;
 * broken records: invalid UTF-8, malformed JSON, a missing text field, an empty text.
@@ -24,7 +25,7 @@ import string
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["gibberish", "low_quality_texts", "reference_texts", "write_web_corpus"]
+__all__ = ["gibberish", "low_quality_texts", "random_characters", "reference_texts", "write_web_corpus"]
 
 COOKIE_LINE = "We use cookies to improve your experience. By continuing to browse you accept our cookie policy."
 NAV_LINE = "Home | News | Products | About us | Contact | Privacy policy | Terms of use"
@@ -111,6 +112,13 @@ def gibberish(rng: random.Random, words: int = 200) -> str:
     return " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 10))) for _ in range(words))
 
 
+def random_characters(rng: random.Random, words: int = 200) -> str:
+    """Random strings of letters, digits and symbols, in lines of a dozen "words"."""
+    alphabet = string.ascii_letters + string.digits * 3 + "+-=*/^()" * 3 + "[]{}<>#$%&@!?;:.,_~|"
+    tokens = ["".join(rng.choices(alphabet, k=rng.randint(2, 10))) for _ in range(words)]
+    return "\n".join(" ".join(tokens[i : i + 12]) for i in range(0, words, 12))
+
+
 def _spam(rng: random.Random, sentences: int) -> str:
     return " ".join(rng.choice(_SPAM_TEMPLATES).format(p=rng.choice(_SPAM_PRODUCTS)) for _ in range(sentences))
 
@@ -179,6 +187,11 @@ def _records(seed: int) -> Iterator[dict | str | bytes]:
         for i in range(8):
             text = " ".join(rng.sample(sentences, 7))
             yield {"text": text, "url": f"https://{lang}.example.org/article/{i}", "date": "2024-01-01"}
+    # Random-character spam, from its own generator so that every page above stays the same.
+    chars = random.Random(seed + 1)
+    for i in range(12):
+        yield {"text": random_characters(chars, 250), "url": f"https://random.example.com/chars/{i}",
+               "date": "2024-02-01"}  # fmt: skip
     # Broken records, quarantined by the reader.
     yield b'{"text": "caf\xe9 au lait", "url": "https://bad.example.com/latin1"}'
     yield '{"text": "an unterminated record'

@@ -1,9 +1,10 @@
 """Stage 2: URL dedup - keep only the most recent version of each URL.
 
-The first pass builds a table ``hash(normalized url) -> (newest date, position)``
-(16 bytes of key and value per distinct URL; the URLs themselves are not kept); the
+The first pass builds a table ``hash(normalized url) -> (newest date, position, id)``
+(24 bytes of key and value per distinct URL; the URLs themselves are not kept); the
 second keeps the document at that position and drops the others as
-``url_duplicate``. Equal dates keep the first one seen, so reruns agree.
+``url_duplicate``, naming the kept document's id (``duplicate_of``, for the fate log).
+Equal dates keep the first one seen, so reruns agree.
 
 Dates are read by ``read_date`` in these formats only (anything else is unparsed):
 - ISO 8601 dates and datetimes, with or without a zone: ``2024-01-01``,
@@ -84,6 +85,8 @@ def read_date(value: object) -> tuple[float | None, str | None]:
         return _read_number(float(text))
     if _ISO_SLASH.match(text):
         text = text[:10].replace("/", "-") + text[10:]
+    if text[-1:] in "Zz" and "T" in text.upper():  # Python 3.10's fromisoformat rejects the Z of a WARC-Date
+        text = text[:-1] + "+00:00"
     try:
         dt = datetime.fromisoformat(text)
     except ValueError:
@@ -122,7 +125,7 @@ class UrlDedup(Stage):
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
-        self.best: dict[int, tuple[float, int]] = {}
+        self.best: dict[int, tuple[float, int, int]] = {}
         self._pos = 0
 
     def _key(self, doc: Doc) -> tuple[int, float, str | None] | None:
@@ -147,7 +150,7 @@ class UrlDedup(Stage):
                     examples.append(f"{doc.source}: {str(doc.date)[:80]!r} ({why})")
             old = self.best.get(h)
             if old is None or ts > old[0]:
-                self.best[h] = (ts, pos)
+                self.best[h] = (ts, pos, text_hash64(doc.source))
         self.stats.notes["distinct_urls"] = len(self.best)
         if examples:
             self.stats.notes["date_unparsed_examples"] = examples
@@ -159,10 +162,10 @@ class UrlDedup(Stage):
             if key is None:
                 self.count("without_url")
                 continue
-            ts, keep_pos = self.best[key[0]]
+            ts, keep_pos, kept_id = self.best[key[0]]
             if keep_pos != pos:
                 when = "undated" if ts == -math.inf else datetime.fromtimestamp(ts, timezone.utc).date().isoformat()
-                self.drop(doc, "url_duplicate", f"a version dated {when} is kept")
+                self.drop(doc, "url_duplicate", f"a version dated {when} is kept", duplicate_of=f"{kept_id:016x}")
 
     def finish(self) -> None:
         self.best = {}
