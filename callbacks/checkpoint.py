@@ -13,7 +13,12 @@ hundreds of times needs:
   taken over);
 * SIGTERM (and SIGUSR1, which SLURM sends ahead of a pre-emption) ask for a stop: at the
   next step boundary - never inside a collective - every rank saves ``last.ckpt``
-  together, and the run exits so that ``--ckpt_path last`` continues it.
+  together, and the run exits so that ``--ckpt_path last`` continues it;
+* ``ckpt_path="last"`` means the newest intact checkpoint of the folder, whatever its name
+  (``recipe.checkpointing.newest_intact``), not just ``last.ckpt``;
+* a save that fails (disk full, I/O error) leaves nothing behind and stops every rank at
+  this step boundary with one line naming the folder, the space needed and the last good
+  checkpoint - or, with ``on_save_error: continue``, warns and tries again at the next save.
 
 Without a ``dirpath`` the checkpoints go to ``<trainer.default_root_dir>/checkpoints``,
 with the run's other outputs. (Lightning's ``ModelCheckpoint`` would use the logger's
@@ -27,15 +32,22 @@ import os
 import re
 import signal
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from recipe import run_lock
-from recipe.checkpointing import AtomicCheckpointIO, remove
+from recipe.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointCorruptError,
+    CheckpointWriteError,
+    newest_intact,
+    remove,
+)
 from recipe.errors import ConfigError
 from recipe.lightning_compat import ResolvedDirCheckpoint, mark_sigterm_received
 from recipe.parallel import collectives
@@ -46,8 +58,9 @@ _STEP = re.compile(r"^step=(\d+)\.ckpt$")
 class RecipeCheckpoint(ResolvedDirCheckpoint):
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 1000, keep_last: int = 3,
                  keep_every: int | None = None, save_on_preemption: bool = True, async_save: bool = False,
-                 filename: str = "step={step:08d}", auto_insert_metric_name: bool = False,
-                 enable_version_counter: bool = False, **kwargs: Any) -> None:
+                 on_save_error: Literal["stop", "continue"] = "stop", filename: str = "step={step:08d}",
+                 auto_insert_metric_name: bool = False, enable_version_counter: bool = False,
+                 **kwargs: Any) -> None:
         """
         Args:
             dirpath: folder of the checkpoints (``last.ckpt`` and ``step=<n>.ckpt``); default
@@ -60,6 +73,8 @@ class RecipeCheckpoint(ResolvedDirCheckpoint):
             async_save: write file checkpoints (one process, DDP) in a background thread from
                 a copy of the state, so training goes on during the write. Sharded (DCP)
                 checkpoints of the 4D strategy are always written synchronously.
+            on_save_error: when a save fails (disk full, I/O error), "stop" the run at this
+                step boundary, or "continue" training and try again at the next save.
         """
         if keep_last < 1:
             raise ConfigError(f"RecipeCheckpoint keep_last must be >= 1, got {keep_last}")
@@ -72,6 +87,9 @@ class RecipeCheckpoint(ResolvedDirCheckpoint):
         super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_last=True, save_top_k=-1,
                          filename=filename, auto_insert_metric_name=auto_insert_metric_name,
                          enable_version_counter=enable_version_counter, **kwargs)
+        if on_save_error not in ("stop", "continue"):
+            raise ConfigError(f"RecipeCheckpoint on_save_error must be 'stop' or 'continue', got {on_save_error!r}")
+        self.on_save_error = on_save_error
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.save_on_preemption = save_on_preemption
@@ -109,6 +127,36 @@ class RecipeCheckpoint(ResolvedDirCheckpoint):
         refusal = collectives.broadcast_object(refusal)
         if refusal:
             raise run_lock.FolderInUseError(refusal)
+
+    # ------------------------------------------------------------------ resume and failed saves
+
+    def last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        """``{the newest intact checkpoint}`` of the folder, whatever its name (empty: none yet)."""
+        path, passed = newest_intact(Path(self.dirpath))
+        if path is None and passed:
+            raise CheckpointCorruptError(f"{self.dirpath} holds checkpoints but none is intact ({passed[0]}); "
+                                         "move them aside to start over")
+        return set() if path is None else {str(path)}
+
+    def guarded_save(self, trainer: L.Trainer, save: Callable[[], None]) -> None:
+        error: CheckpointWriteError | None = None
+        try:
+            save()
+        except CheckpointWriteError as err:
+            error = err
+            if not err.collective and trainer.world_size > 1:
+                # Only this rank wrote, and it left before the trainer's barrier after the
+                # save, where the other ranks wait: meet them there.
+                collectives.barrier()
+        message = str(error) if error is not None else None
+        if trainer.world_size > 1:
+            message = next((m for m in collectives.all_gather_object(message) if m), None)
+        if message is None:
+            return
+        if self.on_save_error == "continue":
+            rank_zero_warn(f"{message} (on_save_error: continue - training goes on, the next save tries again)")
+            return
+        raise CheckpointWriteError(message)
 
     # ------------------------------------------------------------------ retention
 
@@ -151,15 +199,22 @@ class RecipeCheckpoint(ResolvedDirCheckpoint):
                 signal.signal(signal.SIGUSR1, lambda *_: mark_sigterm_received(trainer))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not (self.save_on_preemption and isinstance(exception, SIGTERMException)):
-            return
-        # Every rank raised at the same step boundary, so the collective save is safe.
-        path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-        trainer.save_checkpoint(str(path))
-        rank_zero_info(f"stopped by a termination signal after step {trainer.global_step}; saved {path} - "
-                       "resume with --ckpt_path last")
+        try:
+            if self.save_on_preemption and isinstance(exception, SIGTERMException):
+                # Every rank raised at the same step boundary, so the collective save is safe.
+                path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+                trainer.save_checkpoint(str(path))
+                rank_zero_info(f"stopped by a termination signal after step {trainer.global_step}; saved {path} - "
+                               "resume with --ckpt_path last")
+        finally:
+            # Lightning skips the teardown hooks after an exception: the run is over either way.
+            self._release()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        """Give back the folder's lock and the SIGUSR1 handler."""
         run_lock.release(self._lock)
         self._lock = None
         if self._previous_sigusr1 is not None and hasattr(signal, "SIGUSR1"):

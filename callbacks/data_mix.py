@@ -11,6 +11,11 @@ step carries the scheduled mix, not a noisy draw of it.
 
 From ``LRAnnealing``'s ``anneal_start`` on, ``anneal_weights`` (if given) replace the stages.
 Logs ``train/mix/<domain>`` at every step.
+
+The data module's ``mix`` setting can turn the schedule off (``--data.mix false``, or on
+its own for data with a single domain when the mix names others, such as a corpus built
+without a ``domain`` field): the callback then does nothing and each domain is sampled at
+its share.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class DataMixSchedule(L.Callback):
         self.anneal_weights = self.run_plan_settings.anneal_weights
         self.anneal_start: int | None = None  # set at setup from the LRAnnealing callback
         self.domains: list[str] = []  # the data's domains, known at setup
+        self.active = True  # False when the data module turns the mix off (its ``mix`` setting)
 
     def stage_at(self, position: int) -> MixStage:
         return self.run_plan_settings.stage_at(position)
@@ -57,6 +63,10 @@ class DataMixSchedule(L.Callback):
         data = trainer.datamodule
         if data is None or not hasattr(data, "domains") or not hasattr(data, "global_batch_size"):
             raise ConfigError("DataMixSchedule needs the recipe's TokenDataModule (data: section)")
+        active_mix = getattr(data, "active_mix", None)
+        self.active = not callable(active_mix) or active_mix(self.run_plan_settings) is not None
+        if not self.active:
+            return  # no weights to check or log: the run plan has no mix either
         if self.anneal_weights is not None:
             annealing = [s for s in (getattr(cb, "run_plan_settings", None) for cb in trainer.callbacks)
                          if isinstance(s, AnnealSettings)]
@@ -81,7 +91,7 @@ class DataMixSchedule(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not isinstance(batch, dict) or "position" not in batch:
+        if not self.active or not isinstance(batch, dict) or "position" not in batch:
             return
         position = int(batch["position"])
         plan = getattr(pl_module, "run_plan", None)

@@ -17,6 +17,7 @@ A run that dies while saving must never leave a checkpoint that a restart trusts
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -56,10 +57,28 @@ def file_entry(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha256_of(path)}
 
 
+# A checkpoint under its published name, or under a name a publish passes through: the
+# temporary being written (``.partial``) and, for directories, the predecessor moved aside
+# (``.old-<pid>``). After a crash between two renames the newest complete checkpoint may
+# carry one of these, so resume looks at all of them.
+CHECKPOINT_NAME = re.compile(r"^(?P<published>.+\.ckpt)(?P<transit>\.partial|\.old-\d+)?$")
+
+
+def published_name(checkpoint: Path) -> str:
+    """``last.ckpt`` for ``last.ckpt``, ``last.ckpt.partial`` and ``last.ckpt.old-12``."""
+    found = CHECKPOINT_NAME.match(checkpoint.name)
+    return found.group("published") if found else checkpoint.name
+
+
 def manifest_path(checkpoint: Path) -> Path:
-    """Where the manifest of ``checkpoint`` lives."""
-    return checkpoint / DIR_MANIFEST if checkpoint.is_dir() else checkpoint.with_name(checkpoint.name +
-                                                                                       ".manifest.json")
+    """Where the manifest of ``checkpoint`` lives.
+
+    A file's manifest sits beside it under its published name, so a completed temporary
+    (``last.ckpt.partial``) is checked against the manifest written just before its rename.
+    """
+    if checkpoint.is_dir():
+        return checkpoint / DIR_MANIFEST
+    return checkpoint.with_name(published_name(checkpoint) + ".manifest.json")
 
 
 def write_manifest(path: Path, files: dict[str, dict[str, Any]], global_step: int | None) -> None:
@@ -96,10 +115,12 @@ def problems(checkpoint: Path, names: Iterable[str] | None = None, hash_files: b
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         return [f"the manifest of {checkpoint} is unreadable"]
-    base = checkpoint if checkpoint.is_dir() else checkpoint.parent
     found = []
     for name in sorted(files) if names is None else names:
-        entry, path = files[name], base / name
+        entry = files[name]
+        path = checkpoint / name if checkpoint.is_dir() else checkpoint.with_name(name)
+        if not checkpoint.is_dir() and name == published_name(checkpoint):
+            path = checkpoint  # a file's single entry, under whichever name the file has now
         if not path.is_file():
             found.append(f"{path} is missing")
         elif path.stat().st_size != entry["size"]:
@@ -115,16 +136,54 @@ def manifest_files(checkpoint: Path) -> list[str]:
     return sorted(files) if isinstance(files, dict) else []
 
 
-def candidates(bad: Path) -> list[Path]:
-    """Other checkpoints next to ``bad`` with a manifest, newest (by global step, then time) first."""
+def candidates(folder: Path, exclude: Path | None = None) -> list[Path]:
+    """The checkpoints in ``folder`` with a manifest, newest (by global step, then time) first.
+
+    Published names and the names of an interrupted publish alike (``CHECKPOINT_NAME``); at
+    equal step and time a published name comes first.
+    """
     found = []
-    for path in bad.parent.iterdir():
-        if path == bad or path.name.endswith((PARTIAL, ".manifest.json")) or ".old-" in path.name:
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = CHECKPOINT_NAME.match(path.name)
+        if path == exclude or match is None:
             continue
         manifest = read_manifest(path)
         if manifest and isinstance(manifest.get("files"), dict):
-            found.append((manifest.get("global_step") or -1, manifest.get("created") or 0.0, path))
-    return [path for _, _, path in sorted(found, key=lambda item: (item[0], item[1]), reverse=True)]
+            step = manifest.get("global_step")
+            found.append((-1 if step is None else int(step), float(manifest.get("created") or 0.0),
+                          match.group("transit") is None, path.name, path))
+    return [item[-1] for item in sorted(found, key=lambda item: item[:4], reverse=True)]
+
+
+def manifest_step(checkpoint: Path) -> int | None:
+    """The global step a checkpoint's manifest records (None: no readable manifest)."""
+    step = (read_manifest(checkpoint) or {}).get("global_step")
+    return None if step is None else int(step)
+
+
+def quick_problems(checkpoint: Path) -> list[str]:
+    """``problems`` with hashes for a file, sizes alone for a (sharded, large) directory.
+
+    A file must be hashed: the old ``last.ckpt`` and its successor usually have the same
+    size. A directory carries its own manifest, and its hashes are checked when it is
+    loaded, shared among the ranks (``resolve_intact``).
+    """
+    return problems(checkpoint, hash_files=not checkpoint.is_dir())
+
+
+def newest_intact(folder: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint in ``folder`` that passes ``quick_problems``.
+
+    Returns it (None when there is none) and the faults of the newer ones passed over.
+    Each rank can call it before the process group exists.
+    """
+    passed: list[str] = []
+    for path in candidates(folder):
+        faults = quick_problems(path)
+        if not faults:
+            return path, passed
+        passed.append(faults[0])
+    return None, passed
 
 
 def resolve_intact(path: Path, check: Callable[[Path], list[str]] = problems) -> Path:
@@ -135,7 +194,7 @@ def resolve_intact(path: Path, check: Callable[[Path], list[str]] = problems) ->
     if read_manifest(path) is None and path.exists():
         rank_zero_warn(f"{faults[0]}; loading it unverified")
         return path
-    for other in candidates(path):
+    for other in candidates(path.parent, exclude=path):
         if not check(other):
             rank_zero_warn(f"checkpoint {path} is damaged ({faults[0]}); falling back to {other}")
             return other
@@ -144,8 +203,12 @@ def resolve_intact(path: Path, check: Callable[[Path], list[str]] = problems) ->
 
 
 def publish_dir(tmp: Path, path: Path) -> None:
-    """Move the finished directory ``tmp`` to ``path``, replacing an older one atomically enough:
-    a reader sees the old or the new checkpoint, never a mix (the old one is moved aside first)."""
+    """Move the finished directory ``tmp`` to ``path``, replacing an older one.
+
+    A reader sees the old or the new checkpoint, never a mix: the old one is moved aside
+    first. Between the two renames both exist complete, as ``<path>.old-<pid>`` and
+    ``<path>.partial``, and resume considers both names (``CHECKPOINT_NAME``).
+    """
     old = path.with_name(f"{path.name}.old-{os.getpid()}")
     if path.exists() or path.is_symlink():
         if old.exists():
@@ -154,6 +217,32 @@ def publish_dir(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
     if old.exists():
         shutil.rmtree(old) if old.is_dir() else old.unlink()
+    remove_superseded(path)
+
+
+def remove_superseded(path: Path) -> None:
+    """Delete the ``<path>.old-<pid>`` directories that crashed publishes left behind ``path``."""
+    for old in path.parent.glob(f"{glob.escape(path.name)}.old-*"):
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+
+def finish_interrupted_publish(path: Path) -> None:
+    """Publish a complete ``<path>.partial`` that a crash left between its renames.
+
+    Called before ``path`` is written again: the new save starts by deleting the old
+    temporary, which may be the newest complete checkpoint. Publishing it first means a
+    complete checkpoint keeps a name at every moment of the new save.
+    """
+    tmp = path.with_name(path.name + PARTIAL)
+    if not tmp.exists() or quick_problems(tmp):
+        return
+    newer = manifest_step(tmp)
+    if path.exists() and not quick_problems(path) and (manifest_step(path) or -1) >= (newer or -1):
+        return
+    if tmp.is_dir():
+        publish_dir(tmp, path)
+    else:
+        os.replace(tmp, path)
 
 
 def remove(path: Path) -> None:
@@ -209,6 +298,74 @@ def load_trusted(path: Path, map_location: Any = "cpu", mmap: bool | None = None
         ) from None
 
 
+class CheckpointWriteError(RecipeError):
+    """A checkpoint could not be written (disk full, I/O error); nothing of it is left behind.
+
+    ``collective``: raised on every rank together (a sharded save), rather than on the one
+    rank that writes a file checkpoint.
+    """
+
+    def __init__(self, message: str, collective: bool = False) -> None:
+        super().__init__(message)
+        self.collective = collective
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a nested checkpoint state (this rank's shards of a DTensor)."""
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def write_error_reason(err: BaseException, folder: Path, needed: int) -> str:
+    """One line for a failed write: the OS's reason, or for torch's zip writer (which hides
+    the errno) "no space left" when the folder has less free space than the write needs."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    free = free_bytes(folder)
+    if free is not None and free < needed:
+        return "No space left on device"
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "an unknown amount"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def failed_save_message(path: Path, reason: str, needed: int, free_before: int | None) -> str:
+    """The one-line error of a failed save: the folder, the space needed, the last good checkpoint.
+
+    ``free_before``: the folder's free space when the save began (a file system may not
+    give back the space of the removed partial files at once).
+    """
+    folder = path.parent
+    last, _ = newest_intact(folder)
+    last_text = f"{last} (step {manifest_step(last)})" if last is not None else "none"
+    return (f"saving checkpoint {path.name} failed ({reason}); nothing of it was kept. {folder} had "
+            f"{_size(free_before)} free when the save began and the checkpoint needs about {_size(needed)}; the last good "
+            f"checkpoint is {last_text}. Free space (or set the checkpoint callback's dirpath to another disk), "
+            "then resume with --ckpt_path last")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """File checkpoints (one process, DDP, full-state FSDP) written atomically with a manifest."""
 
@@ -217,12 +374,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + PARTIAL)
-        torch.save(checkpoint, tmp)
-        _fsync(tmp)
-        entry = file_entry(tmp)
-        # The manifest goes first: a crash between the two renames leaves the previous
-        # checkpoint under a manifest it fails, which the loader detects - never a silent mix.
-        write_manifest(manifest_path(path), {path.name: entry}, checkpoint.get("global_step"))
+        finish_interrupted_publish(path)  # a crash's complete leftover keeps a name
+        free_before = free_bytes(path.parent)
+        try:
+            torch.save(checkpoint, tmp)
+            _fsync(tmp)
+            entry = file_entry(tmp)
+            # The manifest goes first: a crash between the two writes leaves the previous
+            # checkpoint under a manifest it fails and the new one complete as ``.partial``;
+            # resume finds the latter (``candidates``) - never a silent mix.
+            write_manifest(manifest_path(path), {path.name: entry}, checkpoint.get("global_step"))
+        except Exception as err:  # disk full, I/O error: remove what was written, say what is needed
+            needed = state_bytes(checkpoint)
+            reason = write_error_reason(err, path.parent, needed)
+            for leftover in (tmp, manifest_path(path).with_name(manifest_path(path).name + PARTIAL)):
+                leftover.unlink(missing_ok=True)
+            raise CheckpointWriteError(failed_save_message(path, reason, needed, free_before)) from err
         os.replace(tmp, path)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,

@@ -8,12 +8,13 @@ imports another command's module.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from recipe.config import ModelArgs, RopeScaling, read_yaml
 from recipe.errors import ConfigError
 
-__all__ = ["describe_model", "model_args_from_config"]
+__all__ = ["describe_model", "model_args_from_config", "training_summary"]
 
 
 def _model_section(config: dict[str, Any]) -> dict[str, Any]:
@@ -74,4 +75,24 @@ def describe_model(args: ModelArgs) -> str:
         f"non-embedding           {non_embedding:,}",
         f"training FLOPs / token  {6 * non_embedding:,} (6N, matmuls without attention scores)",
     ]
+    return "\n".join(lines)
+
+
+def training_summary(args: ModelArgs, seq_lens: Sequence[int]) -> str:
+    """Two lines for the start of training: exact parameter counts, and training FLOPs per token
+    at each sequence length (``recipe.flops.flops_per_token``, the count behind ``train/mfu``)."""
+    from recipe.flops import flops_per_token
+    from recipe.model import build_meta_model, count_parameters
+
+    model = build_meta_model(args)
+    total = count_parameters(model)
+    embed = model.tok_embeddings.weight.numel()
+    lines = [
+        f"model: Llama 3, {args.n_layers} layers, dim {args.dim}, {args.n_heads} / {args.n_kv_heads} heads, "
+        f"vocab {args.vocab_size:,}: {total:,} parameters ({total / 1e6:,.1f} M; {total - embed:,} without "
+        "the embedding)"
+    ]
+    if seq_lens:
+        flops = ", ".join(f"{flops_per_token(args, n):.3g} at seq_len {n}" for n in sorted(set(seq_lens)))
+        lines.append(f"training FLOPs per token: {flops} (6 x matmul weights + causal attention)")
     return "\n".join(lines)

@@ -33,6 +33,7 @@ from recipe.guard import StepGuard
 from recipe.lightning_compat import attached_trainer
 from recipe.model import Transformer, init_parameter
 from recipe.parallel.step import StepPath, masked_targets, step_path_for
+from recipe.resume import SETTINGS_KEY, check_settings, run_settings
 
 
 class LlamaLightningModule(L.LightningModule):
@@ -83,6 +84,7 @@ class LlamaLightningModule(L.LightningModule):
         self._step_path: tuple[Any, StepPath] | None = None
         self._val_sum = torch.zeros(())
         self._val_count = torch.zeros(())
+        self._settings_checked = False
 
     # ------------------------------------------------------------------ model and optimizer
 
@@ -153,6 +155,14 @@ class LlamaLightningModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._check_data_matches_model()
+
+    def on_train_start(self) -> None:
+        # A restored optimizer state brings the checkpoint's betas, eps and weight decay
+        # back; the run's own settings apply (the LR is set at every step anyway).
+        cfg = self.optim_config
+        for optimizer in self.trainer.optimizers:
+            for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
+                group.update(betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=decay)
 
     def on_validation_start(self) -> None:
         self._check_data_matches_model()
@@ -286,8 +296,29 @@ class LlamaLightningModule(L.LightningModule):
                 arch = {**dict(arch), "rope_theta": theta, "rope_scaling": None if scaling is None else vars(scaling)}
             checkpoint["hyper_parameters"] = {**hparams, "arch": arch}
         checkpoint["step_guard"] = self.guard.state_dict()
+        checkpoint[SETTINGS_KEY] = run_settings(self)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings in effect (defaults filled in), as a checkpoint records them."""
+        return {"arch": self.arch, "optimizer": self.optim_config, "lr_schedule": self.lr_schedule,
+                "grad_clip": self.grad_clip, "init_seed": self.init_seed, "init_weights_path": self.init_weights_path,
+                "init_mode": self.init_mode, "guard": self.guard}
+
+    def check_resumed_settings(self, checkpoint: dict, source: str) -> None:
+        """Compare ``checkpoint``'s settings with this run's before its weights load (``recipe.resume``).
+
+        The 4D strategy calls it itself, since it loads sharded weights before the hooks run.
+        """
+        if self._settings_checked:
+            return
+        trainer = attached_trainer(self)
+        fitting = trainer is not None and trainer.state.fn == "fit"
+        check_settings(checkpoint, run_settings(self), source, list_changes=fitting)
+        self._settings_checked = True
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trainer = attached_trainer(self)
+        self.check_resumed_settings(checkpoint, str(getattr(trainer, "ckpt_path", None) or "the checkpoint"))
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
         if self.run_plan is not None and "run_plan" in checkpoint:
             self.run_plan.load_state_dict(checkpoint["run_plan"])

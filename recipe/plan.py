@@ -38,7 +38,7 @@ from recipe.errors import ConfigError, ModelConfigError, RecipeError
 
 __all__ = [
     "AnnealSettings", "ContextSettings", "ContextStage", "MixSettings", "MixStage", "RampSettings", "RampStage",
-    "RunPlan", "StepShape", "build_run_plan", "paper_stages",
+    "RunPlan", "StepShape", "build_run_plan", "choose_mix", "paper_stages",
 ]
 
 SUM_TOLERANCE = 1e-6
@@ -230,6 +230,38 @@ class MixSettings:
         else:
             weights = self.stage_at(position).weights
         return {**dict.fromkeys(domains or [], 0.0), **{d: float(w) for d, w in weights.items()}}
+
+    @property
+    def domains(self) -> list[str]:
+        """Every domain a stage or the annealing mix names, sorted."""
+        named = {d for s in self.stages for d in s.weights} | set(self.anneal_weights or {})
+        return sorted(named)
+
+
+def choose_mix(mix: MixSettings | None, data_domains: list[str] | None, mode: bool | str = "auto",
+               data_name: str = "the data") -> tuple[MixSettings | None, str | None]:
+    """The mix a run trains with, and a one-line notice when the configured one is dropped.
+
+    ``mode`` is the data module's ``mix`` setting: False turns the mix off (each domain is
+    then sampled at its share of the tokens), True keeps it, and ``"auto"`` keeps it unless
+    the data has a single domain and the mix names others - a corpus built without domain
+    tags, where a mix of the shipped configs' domains cannot apply. Data with
+    several domains keeps the mix even when it names a domain they lack: that is a
+    mistake in the weights or the data, which the domain check reports.
+    ``data_domains`` None (data not built yet) keeps the mix.
+    """
+    if mode not in (True, False, "auto"):
+        raise ConfigError(f"data.mix is {mode!r}; use auto, true (keep the data mix) or false (turn it off)")
+    if mix is None or mode is True:
+        return mix, None
+    if mode is False:
+        return None, ("the data mix is off (data.mix: false): each domain of "
+                      f"{data_name} is sampled at its share of the tokens")
+    if data_domains is None or len(data_domains) != 1 or set(mix.domains) <= set(data_domains):
+        return mix, None
+    return None, (f"the data mix is off: {data_name} has one domain ({data_domains[0]}) and the mix names "
+                  f"{', '.join(mix.domains)}; give its records a `domain` field to keep it, "
+                  "or pass --data.mix false to turn it off explicitly")
 
 
 @dataclass
@@ -600,6 +632,10 @@ def build_run_plan(trainer: Any, module: Any, datamodule: Any) -> RunPlan:
         found[type(settings)] = (callback, settings)
     settings = {kind: s for kind, (_, s) in found.items()}
     arch = module.arch
+    mix = settings.get(MixSettings)
+    active_mix = getattr(datamodule, "active_mix", None)
+    if mix is not None and callable(active_mix):  # the data module may turn the mix off (its ``mix`` setting)
+        mix = active_mix(mix)
     domains = None
     if getattr(datamodule, "train_set", None) is not None:  # known once the data is set up
         domains = list(datamodule.domains)
@@ -608,7 +644,7 @@ def build_run_plan(trainer: Any, module: Any, datamodule: Any) -> RunPlan:
         global_batch_size=datamodule.global_batch_size, seq_len=datamodule.seq_len,
         micro_batch_size=datamodule.micro_batch_size, val_batch_size=getattr(datamodule, "val_batch_size", None),
         rope_theta=arch.rope_theta, rope_scaling=arch.rope_scaling, max_seq_len=arch.max_seq_len, domains=domains,
-        ramp=settings.get(RampSettings), context=settings.get(ContextSettings), mix=settings.get(MixSettings),
+        ramp=settings.get(RampSettings), context=settings.get(ContextSettings), mix=mix,
         annealing=settings.get(AnnealSettings),
     )
 

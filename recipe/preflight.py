@@ -66,8 +66,8 @@ def _mesh(trainer: Any, arch: Any, world: int):
 
 
 def _check_data(data: Any, arch: Any, trainer: Any) -> None:
-    from recipe.data.build import is_built
-    from recipe.data.errors import DataError
+    from recipe.data.build import check_data_source, is_built
+    from recipe.data.shards import index_domains
 
     tokenizer = getattr(data, "tokenizer_path", None)
     if tokenizer and not Path(tokenizer).is_file():
@@ -75,15 +75,10 @@ def _check_data(data: Any, arch: Any, trainer: Any) -> None:
                           "unset for Llama 3's")
     data_dir = Path(data.data_dir)
     if not is_built(data_dir):
-        if getattr(data, "curate_config", None):
-            from recipe.data.build import check_curation_output
-
-            check_curation_output(data.curate_config, data_dir)
-            return  # curated on first use
-        if not data.build_demo:
-            raise DataError(f"{data_dir} has no complete train/val shard sets; build them with "
-                            f"`recipe data build <corpus> {data_dir}` (or set data.build_demo: true)")
-        return  # built on first use; its vocabulary is the tokenizer's
+        # Curated or built on first use (its vocabulary is then the tokenizer's), or a
+        # one-line error naming the missing directory and the commands that build it.
+        check_data_source(data_dir, getattr(data, "curate_config", None), data.build_demo)
+        return
     index = json.loads((data_dir / "train" / "index.json").read_text())
     if int(index["vocab_size"]) > arch.vocab_size:
         raise ModelConfigError(f"{data_dir} was tokenized with a {index['vocab_size']}-token vocabulary but "
@@ -93,11 +88,14 @@ def _check_data(data: Any, arch: Any, trainer: Any) -> None:
 
     mixes = [s for s in (getattr(cb, "run_plan_settings", None) for cb in trainer.callbacks)
              if isinstance(s, MixSettings)]
-    if mixes:
-        mix = mixes[0]
-        domains = sorted({shard.get("domain") or "default" for shard in index["shards"]})
-        named = sorted({d for stage in mix.stages for d in stage.weights} | set(mix.anneal_weights or {}))
-        unknown = [d for d in named if d not in domains]
+    active_mix = getattr(data, "active_mix", None)
+    mix = mixes[0] if mixes else None
+    if mix is not None and callable(active_mix):  # the data's `mix` setting may turn it off
+        mix = active_mix(mix)
+    if mix is not None:
+        domains = index_domains(data_dir / "train")
+        unknown = [d for d in mix.domains if d not in domains]
         if unknown:
             raise ConfigError(f"the data mix names domain {unknown[0]!r} but {data_dir} has {', '.join(domains)}; "
-                              "fix the mix weights or rebuild the data with that domain")
+                              "fix the mix weights, rebuild the data with that domain, or turn the mix off with "
+                              "--data.mix false")

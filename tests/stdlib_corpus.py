@@ -21,3 +21,20 @@ def stdlib_shards(root: Path, modules=DEFAULT_MODULES, val_fraction: float = 0.2
 
     build_shards(stdlib_corpus(root / "text", modules), root / "shards", val_fraction=val_fraction)
     return root / "shards"
+
+
+def stdlib_domain_shards(folder: Path, domains: dict[str, list[str]], val_fraction: float) -> Path:
+    """Token shards of stdlib modules tagged with domains (``{"code": ["textwrap.py"], ...}``) in ``folder/shards``."""
+    import json
+
+    from recipe.data.build import build_shards
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.jsonl"
+    with corpus.open("w") as f:
+        for domain, modules in domains.items():
+            for name in modules:
+                f.write(json.dumps({"text": (stdlib / name).read_text(encoding="utf-8"), "domain": domain}) + "\n")
+    build_shards(corpus, folder / "shards", val_fraction=val_fraction, log=lambda s: None)
+    return folder / "shards"

@@ -20,6 +20,7 @@ from recipe.checkpointing import (
     AtomicCheckpointIO,
     CheckpointCorruptError,
     UntrustedCheckpointError,
+    load_trusted,
     manifest_path,
     problems,
 )
@@ -159,7 +160,8 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
         f.truncate(1000)
     assert main(["fit", "--config", str(cfg), "--ckpt_path", "last"]) == 0
     messages = [str(w.message) for w in recwarn]
-    assert any("last.ckpt is damaged" in m and "step=00000003.ckpt" in m for m in messages), messages
+    assert any("resuming from" in m and "step=00000003.ckpt (step 3)" in m and "last.ckpt does not match" in m
+               and "step=00000004.ckpt has 1,000 bytes" in m for m in messages), messages
     assert read_loss_log(tmp_path / "corrupt.losses") == straight  # step 3 onwards replayed exactly
 
 
@@ -278,3 +280,162 @@ def test_a_stalled_rank_is_ended_by_the_others_and_nothing_stays_behind(tmp_path
     for info in ranks:  # the stopped rank did not stay behind
         pid = json.loads(info.read_text())["pid"]
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:4]
+
+
+# ----------------------------------------------------------------------------- resume finds, saves fail cleanly
+
+
+def test_sigkill_during_the_first_last_ckpt_write_resumes_from_the_step_checkpoint(tmp_path, data_dir, straight):
+    kill = {"class_path": "fault_injection.KillWhileSaving", "init_args": {"step": 1}}
+    proc = run_cli(["fit", "--config", str(config(tmp_path, data_dir, "mid_write", [kill]))])
+    proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = tmp_path / "mid_write" / "ckpt"
+    # The first publish of last.ckpt never happened: half of it lies in last.ckpt.partial.
+    assert not (ckpt / "last.ckpt").exists() and (ckpt / "last.ckpt.partial").is_file()
+    assert (ckpt / "step=00000001.ckpt").is_file()
+    resumed = run_cli(["fit", "--config", str(config(tmp_path, data_dir, "mid_write")), "--ckpt_path", "last"])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resuming from" in err and "step=00000001.ckpt (step 1)" in err, err[-3000:]
+    assert read_loss_log(tmp_path / "mid_write.losses") == straight
+    assert not list(ckpt.glob("*.partial"))
+
+
+def test_a_full_disk_stops_the_run_cleanly_and_the_resume_continues_exactly(tmp_path, data_dir, straight, capsys):
+    full = {"class_path": "fault_injection.DiskFull", "init_args": {"step": 3}}
+    cfg = config(tmp_path, data_dir, "disk_full", [full])
+    assert main(["fit", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("error: "))
+    ckpt = tmp_path / "disk_full" / "ckpt"
+    assert "saving checkpoint step=00000003.ckpt failed (No space left on device)" in line, line
+    assert f"{ckpt} had " in line and " free when the save began and the checkpoint needs about " in line, line
+    assert f"the last good checkpoint is {ckpt / 'last.ckpt'} (step 2)" in line, line
+    assert sorted(p.name for p in ckpt.iterdir() if "manifest" not in p.name) == [
+        "last.ckpt", "step=00000001.ckpt", "step=00000002.ckpt"]  # nothing half-written stays
+    assert main(["fit", "--config", str(config(tmp_path, data_dir, "disk_full")), "--ckpt_path", "last"]) == 0, \
+        capsys.readouterr().err[-3000:]
+    assert read_loss_log(tmp_path / "disk_full.losses") == straight
+
+
+def test_with_on_save_error_continue_a_failed_save_warns_and_the_next_one_succeeds(tmp_path, data_dir, straight):
+    full = {"class_path": "fault_injection.DiskFull", "init_args": {"step": 3, "until": 5}}
+    cfg = config(tmp_path, data_dir, "save_retried", [full])
+    raw = yaml.safe_load(cfg.read_text())
+    raw["trainer"]["callbacks"][-1]["init_args"]["on_save_error"] = "continue"
+    cfg.write_text(yaml.safe_dump(raw))
+    with pytest.warns(UserWarning, match=r"saving checkpoint step=00000003.ckpt failed .*next save tries again"):
+        assert main(["fit", "--config", str(cfg)]) == 0
+    ckpt = tmp_path / "save_retried" / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("*.ckpt")) == ["last.ckpt", "step=00000002.ckpt", "step=00000005.ckpt",
+                                                           "step=00000006.ckpt"]
+    assert read_loss_log(tmp_path / "save_retried.losses") == straight
+    assert load_trusted(ckpt / "last.ckpt")["global_step"] == STEPS
+
+
+# ----------------------------------------------------------------------------- settings against the checkpoint
+
+
+@pytest.mark.parametrize("ckpt_path", ["file", "last"])
+def test_a_changed_architecture_on_resume_stops_with_one_line(tmp_path, data_dir, capsys, ckpt_path):
+    cfg = config(tmp_path, data_dir, "arch")
+    assert main(["fit", "--config", str(cfg), "--trainer.max_steps", "2"]) == 0
+    path = str(tmp_path / "arch" / "ckpt" / "last.ckpt") if ckpt_path == "file" else "last"
+    capsys.readouterr()
+    assert main(["fit", "--config", str(cfg), "--ckpt_path", path, "--model.arch.dim", "64",
+                 "--model.arch.n_kv_heads", "4"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err and "size mismatch" not in err, err[-3000:]
+    assert "must match to resume it: model.arch.dim 32 -> 64; model.arch.n_kv_heads 2 -> 4" in errors[0], errors
+
+
+def test_changed_training_settings_are_applied_and_listed_on_resume(tmp_path, data_dir, caplog):
+    cfg = config(tmp_path, data_dir, "changed")
+    assert main(["fit", "--config", str(cfg), "--trainer.max_steps", "2"]) == 0
+    caplog.clear()
+    # No --ckpt_path: `recipe fit` resumes from the run's newest checkpoint by default.
+    assert main(["fit", "--config", str(cfg), "--trainer.max_steps", "3", "--model.optimizer.lr", "1e-3",
+                 "--model.optimizer.betas", "[0.8, 0.9]"]) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("resuming from" in m and "last.ckpt (step 2)" in m and "resumes by default" in m for m in lines), lines
+    changed = next(m for m in lines if "with changed settings" in m)
+    for item in ("model.optimizer.lr 0.003 -> 0.001", "model.optimizer.betas [0.9, 0.95] -> [0.8, 0.9]",
+                 "trainer.max_steps 2 -> 3"):
+        assert item in changed, changed
+    saved = load_trusted(tmp_path / "changed" / "ckpt" / "last.ckpt")
+    assert saved["global_step"] == 3
+    groups = saved["optimizer_states"][0]["param_groups"]
+    assert [tuple(g["betas"]) for g in groups] == [(0.8, 0.9)] * 2  # the restored state's betas were replaced
+    assert saved["run_settings"]["model.optimizer.lr"] == 1e-3
+
+
+def _sharded_resume_faults(data_dir: str, root: str) -> dict:
+    """Under fsdp2 (DCP checkpoints): a crash between the renames of a publish, a full disk, a changed shape."""
+    import shutil
+
+    import lightning as L
+
+    from fault_injection import DiskFull, LossLog
+    from recipe.data.datamodule import TokenDataModule
+    from recipe.module import LlamaLightningModule
+    from recipe.parallel.strategy import Parallel4DStrategy
+
+    rank = int(os.environ["RANK"])
+    arch = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, ffn_dim_multiplier=None, max_seq_len=32)
+
+    def fit(run: str, steps: int, ckpt_path: str | None = None, extra: list | None = None, dim: int = 32) -> None:
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=Parallel4DStrategy(dp_shard=2), max_steps=steps,
+                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, num_sanity_val_steps=0,
+                            callbacks=[LossLog(f"{root}/{run}.losses"), *(extra or []),
+                                       RecipeCheckpoint(dirpath=f"{root}/{run}", every_n_train_steps=1)])
+        data = TokenDataModule(data_dir=data_dir, seq_len=16, global_batch_size=4, micro_batch_size=2,
+                               val_batches=0, build_demo=False)
+        trainer.fit(LlamaLightningModule(arch=ModelArgs(**{**arch, "dim": dim})), datamodule=data, ckpt_path=ckpt_path)
+
+    def failure(fn) -> str:
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - the test reports whatever was raised
+            return f"{type(err).__name__}: {err}"
+        return "no error"
+
+    out: dict = {}
+    fit("straight", 4)
+    # 1. Killed between the two renames of publishing last.ckpt at step 3: the step-2 last.ckpt
+    # moved aside, the complete step-3 one still under its temporary name (and, as after a
+    # pre-emption save, which writes last.ckpt alone, no step=3 checkpoint).
+    fit("renames", 3)
+    run = Path(root) / "renames"
+    if rank == 0:
+        shutil.copytree(run / "step=00000002.ckpt", run / "last.ckpt.old-12345")
+        os.replace(run / "last.ckpt", run / "last.ckpt.partial")
+        shutil.rmtree(run / "step=00000003.ckpt")
+    torch.distributed.barrier()
+    fit("renames", 4, ckpt_path="last")
+    out["renames"] = sorted(p.name for p in run.iterdir() if not p.name.startswith("."))
+    # 2. The disk fills up while rank 1 writes its shards of step 2.
+    out["full"] = failure(lambda: fit("full", 3, extra=[DiskFull(step=2, rank=1)]))
+    out["full_files"] = sorted(p.name for p in (Path(root) / "full").iterdir() if not p.name.startswith("."))
+    # 3. Resumed with another model width: stopped before any shard is read.
+    out["dim"] = failure(lambda: fit("full", 3, ckpt_path="last", dim=64))
+    return out
+
+
+def test_sharded_checkpoints_survive_a_crash_between_renames_and_a_full_disk(tmp_path, data_dir):
+    from dist_harness import run_world
+
+    results = run_world(_sharded_resume_faults, 2, data_dir=str(data_dir), root=str(tmp_path))
+    # The complete .partial was resumed from, published by the next save, and the leftovers cleared.
+    assert read_loss_log(tmp_path / "renames.losses") == read_loss_log(tmp_path / "straight.losses")
+    assert results[0]["renames"] == ["last.ckpt", "step=00000001.ckpt", "step=00000002.ckpt", "step=00000004.ckpt"]
+    assert load_trusted(tmp_path / "renames" / "last.ckpt" / "meta.pt")["global_step"] == 4
+    for rank in (0, 1):  # every rank stops with the same one-line error
+        full = results[rank]["full"]
+        assert full.startswith("CheckpointWriteError: saving checkpoint step=00000002.ckpt failed (rank 1: No space "
+                               "left on device)"), full
+        assert f"the last good checkpoint is {tmp_path / 'full' / 'last.ckpt'} (step 1)" in full, full
+        assert "SettingsMismatchError" in results[rank]["dim"] and "model.arch.dim 32 -> 64" in results[rank]["dim"]
+    assert results[0]["full_files"] == ["last.ckpt", "step=00000001.ckpt"]  # no half-written directory

@@ -2,8 +2,6 @@
 averages and the rank heartbeats. The shipped configs name no other output path, so
 ``--trainer.default_root_dir DIR`` moves a whole run."""
 
-import json
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from callbacks.checkpoint import RecipeCheckpoint
 from callbacks.watchdog import RankWatchdog
 from cli_runs import read_scalars
 from recipe.cli import main
+from stdlib_corpus import stdlib_domain_shards
 
 REPO = Path(__file__).resolve().parents[1]
 # Training configs only: configs/data and configs/scaling hold curation and sweep configs.
@@ -81,19 +80,10 @@ def test_outputs_resolve_under_default_root_dir(config, tmp_path, monkeypatch):
 
 def write_domain_shards(folder: Path) -> Path:
     """Token shards with the tiny config's three domains (code, prose, math), from stdlib modules."""
-    from recipe.data.build import build_shards
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
     domains = {"code": ["textwrap.py", "fnmatch.py", "bisect.py"], "prose": ["colorsys.py", "glob.py", "shlex.py"],
                "math": ["fractions.py", "statistics.py", "numbers.py"]}
     folder.mkdir(parents=True)
-    corpus = folder / "corpus.jsonl"
-    with corpus.open("w") as f:
-        for domain, modules in domains.items():
-            for name in modules:
-                f.write(json.dumps({"text": (stdlib / name).read_text(encoding="utf-8"), "domain": domain}) + "\n")
-    build_shards(corpus, folder / "shards", val_fraction=0.3, log=lambda s: None)
-    return folder / "shards"
+    return stdlib_domain_shards(folder, domains, val_fraction=0.3)
 
 
 def files_under(folder: Path) -> list[str]:

