@@ -43,7 +43,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from recipe import run_lock
 from recipe.checkpointing import (
     AtomicCheckpointIO,
-    CheckpointCorruptError,
     CheckpointWriteError,
     newest_intact,
     remove,
@@ -132,10 +131,7 @@ class RecipeCheckpoint(ResolvedDirCheckpoint):
 
     def last_checkpoints(self, trainer: L.Trainer) -> set[str]:
         """``{the newest intact checkpoint}`` of the folder, whatever its name (empty: none yet)."""
-        path, passed = newest_intact(Path(self.dirpath))
-        if path is None and passed:
-            raise CheckpointCorruptError(f"{self.dirpath} holds checkpoints but none is intact ({passed[0]}); "
-                                         "move them aside to start over")
+        path, _ = newest_intact(Path(self.dirpath))
         return set() if path is None else {str(path)}
 
     def guarded_save(self, trainer: L.Trainer, save: Callable[[], None]) -> None:

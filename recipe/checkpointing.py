@@ -11,6 +11,11 @@ A run that dies while saving must never leave a checkpoint that a restart trusts
 * loading verifies the manifest first. A truncated or corrupted checkpoint is reported
   with a warning and the newest intact checkpoint of the same directory is loaded
   instead (``CheckpointCorruptError`` when there is none);
+* "the newest" is by the step in each manifest, over every name a checkpoint can have:
+  published, or left by a crash mid-publish (``.partial``, ``.old-<pid>``), so a
+  complete checkpoint always has a name that resume finds (``newest_intact``);
+* a failed write (disk full, I/O error) removes what it wrote and raises
+  ``CheckpointWriteError`` naming the folder, the space needed and the last good checkpoint;
 * loads use ``torch.load(weights_only=True)`` with the recipe's own config classes
   allowed, so nothing in a checkpoint is unpickled blindly.
 """
@@ -174,8 +179,9 @@ def quick_problems(checkpoint: Path) -> list[str]:
 def newest_intact(folder: Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint in ``folder`` that passes ``quick_problems``.
 
-    Returns it (None when there is none) and the faults of the newer ones passed over.
-    Each rank can call it before the process group exists.
+    Returns it (None when the folder holds no checkpoint) and the faults of the newer ones
+    passed over; raises ``CheckpointCorruptError`` when checkpoints are there but none is
+    intact. Each rank can call it before the process group exists.
     """
     passed: list[str] = []
     for path in candidates(folder):
@@ -183,6 +189,9 @@ def newest_intact(folder: Path) -> tuple[Path | None, list[str]]:
         if not faults:
             return path, passed
         passed.append(faults[0])
+    if passed:
+        raise CheckpointCorruptError(f"{folder} holds checkpoints but none is intact ({passed[0]}); move them "
+                                     "aside to start over, or pass --ckpt_path with a checkpoint from elsewhere")
     return None, passed
 
 
@@ -358,12 +367,15 @@ def failed_save_message(path: Path, reason: str, needed: int, free_before: int |
     give back the space of the removed partial files at once).
     """
     folder = path.parent
-    last, _ = newest_intact(folder)
+    try:
+        last, _ = newest_intact(folder)
+    except CheckpointCorruptError:
+        last = None
     last_text = f"{last} (step {manifest_step(last)})" if last is not None else "none"
     return (f"saving checkpoint {path.name} failed ({reason}); nothing of it was kept. {folder} had "
-            f"{_size(free_before)} free when the save began and the checkpoint needs about {_size(needed)}; the last good "
-            f"checkpoint is {last_text}. Free space (or set the checkpoint callback's dirpath to another disk), "
-            "then resume with --ckpt_path last")
+            f"{_size(free_before)} free when the save began and the checkpoint needs about {_size(needed)}; "
+            f"the last good checkpoint is {last_text}. Free space (or set the checkpoint callback's dirpath to "
+            "another disk), then resume with --ckpt_path last")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

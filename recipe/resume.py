@@ -33,7 +33,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from recipe.checkpointing import CheckpointCorruptError, manifest_step, newest_intact
+from recipe.checkpointing import manifest_step, newest_intact
 from recipe.errors import ConfigError
 from recipe.lightning_compat import attached_trainer
 
@@ -72,10 +72,6 @@ def choose_checkpoint(trainer: Any, subcommand_config: Any) -> None:
         return
     path, passed = newest_intact(folder)
     if path is None:
-        if passed:
-            raise CheckpointCorruptError(
-                f"{folder} holds checkpoints but none is intact ({passed[0]}); move them aside to start over, "
-                "or pass --ckpt_path with a checkpoint from elsewhere")
         if requested is not None:
             rank_zero_info(f"no checkpoint in {folder} yet: training starts at step 0")
         subcommand_config["ckpt_path"] = None

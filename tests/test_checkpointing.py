@@ -22,6 +22,7 @@ from recipe.checkpointing import (
     UntrustedCheckpointError,
     load_trusted,
     manifest_path,
+    newest_intact,
     problems,
 )
 from recipe.cli import main
@@ -63,6 +64,30 @@ def test_atomic_save_writes_a_manifest_and_verifies_on_load(tmp_path):
     assert "truncated" in problems(tmp_path / "a.ckpt")[0]
     with pytest.raises(CheckpointCorruptError, match="no intact checkpoint is next to it"):
         io.load_checkpoint(tmp_path / "b.ckpt")
+
+
+def test_the_newest_intact_checkpoint_is_found_whatever_its_name(tmp_path):
+    io = AtomicCheckpointIO()
+    for step, name in ((1, "step=00000001.ckpt"), (2, "last.ckpt"), (3, "step=00000003.ckpt")):
+        io.save_checkpoint({"global_step": step, "w": torch.full((4,), float(step))}, tmp_path / name)
+    assert newest_intact(tmp_path) == (tmp_path / "step=00000003.ckpt", [])
+    # Killed between the manifest and the rename of last.ckpt at step 4: the complete file
+    # is still ``last.ckpt.partial``, and the old last.ckpt fails the new manifest.
+    (tmp_path / "last.ckpt").rename(tmp_path / "old")
+    io.save_checkpoint({"global_step": 4, "w": torch.full((4,), 4.0)}, tmp_path / "last.ckpt")
+    (tmp_path / "last.ckpt").rename(tmp_path / "last.ckpt.partial")
+    (tmp_path / "old").rename(tmp_path / "last.ckpt")
+    path, passed = newest_intact(tmp_path)
+    assert path == tmp_path / "last.ckpt.partial" and len(passed) == 1 and "last.ckpt does not match" in passed[0]
+    assert torch.equal(io.load_checkpoint(path)["w"], torch.full((4,), 4.0))
+    # The next save of last.ckpt first publishes the complete leftover, then writes.
+    io.save_checkpoint({"global_step": 5, "w": torch.full((4,), 5.0)}, tmp_path / "last.ckpt")
+    assert newest_intact(tmp_path) == (tmp_path / "last.ckpt", []) and not list(tmp_path.glob("*.partial"))
+    for name in ("last.ckpt", "step=00000001.ckpt", "step=00000003.ckpt"):
+        corrupt(tmp_path / name)
+    with pytest.raises(CheckpointCorruptError, match="holds checkpoints but none is intact"):
+        newest_intact(tmp_path)
+    assert newest_intact(tmp_path / "empty") == (None, [])
 
 
 def test_untrusted_objects_are_not_unpickled(tmp_path):

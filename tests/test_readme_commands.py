@@ -291,6 +291,9 @@ class NotRun:
 GPU = "needs an NVIDIA GPU"
 CLUSTER = "needs a cluster (many nodes or GPUs)"
 NOT_RUN = [
+    NotRun("python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 --index-url "
+           'https://download.pytorch.org/whl/cpu && .venv/bin/pip install -e ".[dev]"',
+           "needs PyTorch's package index (network)", exists="pyproject.toml"),
     NotRun('python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e ".[dev]"',
            "needs the package index (network); this environment is what it installs", exists="pyproject.toml"),
     NotRun(".venv/bin/python -m pytest", "the whole suite, this test included", help="python -m pytest --help"),
@@ -390,10 +393,13 @@ def test_setup_command_matches_the_project():
     """The setup line pins the torch this environment runs and installs an extra the project has."""
     import torch
 
-    line = next(n.command for n in NOT_RUN if n.command.startswith("python3 -m venv"))
-    pin = re.search(r"torch==(\S+)", line).group(1)
-    assert torch.__version__.split("+")[0] == pin, (torch.__version__, pin)
-    extra = re.search(r'-e "\.\[(\w+)\]"', line).group(1)
-    extras = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
-    assert re.search(rf"^{extra}\s*=", extras, re.M), f"pyproject.toml has no optional dependencies {extra!r}"
-    assert subprocess.run(["bash", "-n", "-c", line]).returncode == 0  # the shell can parse it
+    lines = [n.command for n in NOT_RUN if n.command.startswith("python3 -m venv")]
+    assert len(lines) == 2  # the one command, and its CPU-only variant
+    for line in lines:
+        pin = re.search(r"torch==(\S+)", line).group(1)
+        assert torch.__version__.split("+")[0] == pin, (torch.__version__, pin)
+        extra = re.search(r'-e "\.\[(\w+)\]"', line).group(1)
+        extras = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]", 1)[1]
+        extras = extras.split("\n[", 1)[0]
+        assert re.search(rf"^{extra}\s*=", extras, re.M), f"pyproject.toml has no optional dependencies {extra!r}"
+        assert subprocess.run(["bash", "-n", "-c", line]).returncode == 0  # the shell can parse it
