@@ -58,6 +58,7 @@ KNOWN: tuple[Bench, ...] = (
     Bench("minhash", "minhash.py", ["--docs", "1500", "--dups", "500"], needs_demo_corpus=True,
           needs_modules=("datasketch",)),
     Bench("tokenize_pack", "tokenize_pack.py", ["--repeats", "1"], needs_demo_corpus=True),
+    Bench("curate_ray", "curate_ray.py", needs_modules=("ray",)),
     Bench("compile", "compile.py", ["--steps", "2"]),
 )
 

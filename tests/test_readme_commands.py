@@ -203,6 +203,16 @@ def curated(result: Result, cwd: Path) -> None:
     assert (cwd / "data/curated-demo/report/report.md").is_file()
 
 
+def curated_on_ray(result: Result, cwd: Path) -> None:
+    ok(result)
+    report = json.loads((cwd / "data/curated-demo-ray/report/report.json").read_text())
+    assert report["executor"]["name"] == "ray" and "quality" in report["executor"]["remote_stages"]
+    for split in ("train", "val"):  # the same shards as the local run's
+        local = sorted((cwd / "data/curated-demo" / split).glob("*.npy"))
+        assert local and all(p.read_bytes() == (cwd / "data/curated-demo-ray" / split / p.name).read_bytes()
+                             for p in local)
+
+
 def sharded(result: Result, cwd: Path) -> None:
     trained("runs/parallel/fsdp2", {0, 1, 2})(result, cwd)
     assert (cwd / "runs/parallel/fsdp2/checkpoints/last.ckpt").is_dir()  # a distributed (DCP) checkpoint
@@ -230,6 +240,8 @@ TINY_SHORT = (*TWO_STEPS, "--config", "average_from_start.yaml")
 RUNS = [
     # Quick start.
     Run("recipe data curate --config configs/data/demo.yaml", curated),
+    Run("recipe data curate --config configs/data/demo.yaml --executor ray --output data/curated-demo-ray",
+        curated_on_ray),
     Run("recipe fit --config configs/tiny.yaml", trained("runs/tiny", {0, 1}), TINY_SHORT),
     Run("recipe fit --config configs/tiny.yaml --ckpt_path last", trained("runs/tiny", {2}),
         ("--trainer.max_steps", "3", "--config", "average_from_start.yaml")),
@@ -325,6 +337,8 @@ NOT_RUN = [
            help="recipe scaling mix --help", exists="configs/scaling/mix_mini.yaml"),
     NotRun("recipe scaling anneal-probe --ckpt runs/scaling/mini/runs/C1e11_d8/final.ckpt --candidate code",
            "needs a checkpoint of the sweep", help="recipe scaling anneal-probe --help"),
+    NotRun("ray start --head --port 6379", "starts a Ray head node: " + CLUSTER, help="ray start --help"),
+    NotRun("ray start --address HEAD:6379", "joins a Ray cluster: " + CLUSTER, help="ray start --help"),
     NotRun("python bench/run_all.py", "every benchmark, about 9 minutes", help="python bench/run_all.py --help"),
     NotRun("python bench/run_all.py --quick", "every benchmark in short form, minutes",
            help="python bench/run_all.py --help"),

@@ -6,7 +6,7 @@
     recipe data info  SHARD_SET_OR_DATA_DIR
     recipe data verify SHARD_SET_OR_DATA_DIR
     recipe data curate --config configs/data/demo.yaml [--input PATH ...] [--output DIR]
-                       [--workers N] [--overwrite] [--no-progress]
+                       [--workers N] [--executor local|ray] [--overwrite] [--no-progress]
     recipe data train-classifier --positives FILE --negatives FILE --out MODEL.npz
 
 Bad input prints the one-line error to stderr and exits with status 2 (no traceback).
@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     curate.add_argument("--input", nargs="+", default=None, metavar="PATH", help="override the config's input")
     curate.add_argument("--output", default=None, metavar="DIR", help="override the config's output directory")
     curate.add_argument("--workers", type=int, default=None, help="processes for MinHash (default: the config's)")
+    curate.add_argument("--executor", choices=("local", "ray"), default=None,
+                        help="run the per-document stages here (local) or on Ray Data (ray); default: the config's")
     curate.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     curate.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -178,7 +180,8 @@ def _verify(args: argparse.Namespace) -> int:
 def _curate(args: argparse.Namespace) -> int:
     from recipe.data.curate.pipeline import curate, load_config
 
-    cfg = load_config(args.config, input=args.input, output=args.output, workers=args.workers)
+    cfg = load_config(args.config, input=args.input, output=args.output, workers=args.workers,
+                      executor=args.executor)  # fmt: skip
     curate(cfg, overwrite=args.overwrite, progress=False if args.no_progress else None, config_path=args.config)
     return 0
 

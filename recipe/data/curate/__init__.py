@@ -6,6 +6,7 @@ train/val shard layout that ``recipe fit`` reads, one shard group per domain buc
 
 Modules:
   pipeline.py    config, passes over the data, atomic publication, the entry point ``curate``
+  executors.py   where the stages run: this process (local) or Ray Data tasks (ray)
   reader.py      lenient input reading (jsonl, parquet, text, WARC; local or fsspec URLs); bad records are
                  quarantined with a reason
   fate.py        report/fates.parquet: one row per input document (kept, modified, dropped, quarantined)

@@ -47,13 +47,33 @@ class FateLog:
         self.schema = pa.schema([(c, pa.string()) for c in _COLUMNS])
         self._rows: dict[str, list[Any]] = {c: [] for c in _COLUMNS}
         self._writer: Any = None
+        self._held: list[tuple] | None = None
         self.counts: dict[str, int] = dict.fromkeys(DECISIONS, 0)
 
     @property
     def rows(self) -> int:
         return sum(self.counts.values())
 
+    def hold(self) -> None:
+        """Keep the rows logged from now on aside, until ``release``: an executor that learns of some
+        decisions late (from Ray tasks) writes them back in the order a local run logs them."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> list[tuple]:
+        """The rows held since ``hold`` (not written); logging writes again."""
+        rows, self._held = self._held or [], None
+        return rows
+
+    def write_rows(self, rows: list[tuple]) -> None:
+        """Write rows that ``release`` returned (already counted)."""
+        for row in rows:
+            self._add(row)
+
     def _add(self, row: tuple) -> None:
+        if self._held is not None:
+            self._held.append(row)
+            return
         for column, value in zip(self._rows.values(), row):
             column.append(value)
         if len(self._rows["doc_id"]) >= self.batch_rows:

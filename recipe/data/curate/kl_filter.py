@@ -20,7 +20,7 @@ characters follow no pattern and the document is dropped (``random_chars``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -68,6 +68,8 @@ class TokenKL(Stage):
 
     name = "token_kl"
     needs_fit = True
+    process_anywhere = True  # scores use only the fitted bucket counts
+    fit_in_parts = True  # the bucket counts are sums
 
     def __init__(self, max_kl: float = 6.0, bins: int = 1 << 18, min_words: int = 20, alpha: float = 0.5,
                  min_char_dependence: float | None = 0.06, min_chars: int = 200, **kw) -> None:  # fmt: skip
@@ -95,6 +97,19 @@ class TokenKL(Stage):
         for doc, b in zip(docs, self._bins(docs)):
             counts = self.counts.setdefault(_bucket(doc), np.zeros(self.bins, np.int64))
             counts += np.bincount(b, minlength=self.bins)
+
+    def fit_part(self, docs: list[Doc]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Sparse token counts of a run of documents: ``{bucket: (bins, counts)}`` (a dense part is 2 MB)."""
+        per_bucket: dict[str, list[np.ndarray]] = {}
+        for doc, b in zip(docs, self._bins(docs)):
+            per_bucket.setdefault(_bucket(doc), []).append(b)
+        return {k: np.unique(np.concatenate(v), return_counts=True) for k, v in per_bucket.items()}
+
+    def fit_merge(self, parts: Iterable[dict[str, tuple[np.ndarray, np.ndarray]]]) -> None:
+        for part in parts:
+            for bucket, (values, counts) in part.items():
+                self.counts.setdefault(bucket, np.zeros(self.bins, np.int64))[values] += counts
+        self.stats.notes["tokens_per_bucket"] = {k: int(v.sum()) for k, v in sorted(self.counts.items())}
 
     def process(self, docs: list[Doc]) -> None:
         bins = self._bins(docs)

@@ -10,7 +10,9 @@ one bucket, token counts), and the disk holds at most two spills at a time.
 Everything - shards, report, scratch - is built in ``<output>.tmp-<pid>`` and renamed
 to ``<output>`` at the end (``recipe.data.shards.atomic_dir``): an interrupted run
 leaves no ``<output>``, and its leftover temp folder is removed by the next run. The
-same config and input give the same shards (hash-based choices, ordered workers).
+same config and input give the same shards (hash-based choices, ordered workers), under
+either executor (``executor: local`` or ``ray``: ``recipe.data.curate.executors``, which
+runs each segment of stages between two fits).
 
 When no document survives, the run logs the drop counts of every stage (one line
 each, with the reasons), writes the report (with the dropped samples and the
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from recipe.data.curate.executors import Executor, ExecutorSpec, make_executor
 from recipe.data.curate.fate import FATE_FILE, FateLog
 from recipe.data.curate.pack import NothingSurvived, Pack
 from recipe.data.curate.progress import Progress
@@ -58,6 +61,8 @@ class CurateConfig:
     max_document_chars: int = 1_000_000
     samples_per_reason: int = 20
     fate_log: bool = True  # <output>/report/fates.parquet: one row per input document (recipe.data.curate.fate)
+    # local (this process) or ray / {name: ray, address: ...} (recipe.data.curate.executors)
+    executor: Any = "local"
     demo: dict[str, Any] | None = None
 
     def build_stages(self, where: str = "config") -> list[Stage]:
@@ -88,7 +93,11 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> CurateConfig:
         raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping with input, output and stages")
+    executor = overrides.pop("executor", None)
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if executor is not None:  # `--executor ray` keeps the config's address
+        data["executor"] = {**data["executor"], "name": executor} if isinstance(data.get("executor"), dict) \
+            else executor
     known = {f.name for f in fields(CurateConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -101,6 +110,7 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> CurateConfig:
     if not isinstance(data.get("stages", []), list):
         raise ConfigError(f"{p}: stages must be a list of {{name: ..., args: {{...}}}}")
     cfg = CurateConfig(**data)
+    ExecutorSpec.parse(cfg.executor, str(p))
     cfg.build_stages(str(p))  # validate every stage now, before any data is read
     return cfg
 
@@ -180,8 +190,10 @@ def _spill_docs(path: Path) -> Iterator[Doc]:
 
 
 class _Run:
-    def __init__(self, cfg: CurateConfig, stages: list[Stage], root: Path, log, progress: bool) -> None:
+    def __init__(self, cfg: CurateConfig, stages: list[Stage], root: Path, log, progress: bool,
+                 executor: Executor) -> None:  # fmt: skip
         self.cfg, self.stages, self.root, self.log, self.progress = cfg, stages, root, log, progress
+        self.executor = executor
         self.work = root / "work"
         self.work.mkdir()
         self.sink = AuditSink(root / "report", cfg.samples_per_reason)
@@ -218,18 +230,9 @@ class _Run:
             self.read.bytes_out += n
             yield rec
 
-    def stream(self, source: Iterator[list[Doc]], stages: list[Stage], desc: str, total: int | None):
-        bar = Progress(desc, total, self.progress)
-        try:
-            for batch in source:
-                bar.update(len(batch))
-                for stage in stages:
-                    batch = stage.run_batch(batch)
-                    if not batch:
-                        break
-                yield batch
-        finally:
-            bar.close()
+    def stream(self, source: Iterator[list[Doc]], stages: list[Stage], desc: str, total: int | None,
+               fit: Stage | None = None) -> Iterator[list[Doc]]:  # fmt: skip
+        return self.executor.stream(source, stages, desc, total, fit)
 
     def run(self) -> None:
         *filters, pack = self.stages
@@ -250,16 +253,17 @@ class _Run:
             names = ", ".join(["read"] * (spill is None) + [s.label for s in pending]) or "copy"
             count = 0
             with open(new, "w", encoding="utf-8") as f:
-                for batch in self.stream(source, pending, f"pass {passes}: {names}", total):
+                for batch in self.stream(source, pending, f"pass {passes}: {names}", total, fit=stage):
                     f.writelines(d.to_json() + "\n" for d in batch)
                     count += len(batch)
             if spill is not None:
                 spill.unlink()
             spill, total, passes = new, count, passes + 1
-            bar = Progress(f"pass {passes}: {stage.label} (fit)", total, self.progress)
-            stage.run_fit(self._counted(_spill_docs(spill), bar))
-            bar.close()
-            passes += 1
+            if not self.executor.fitted(stage):  # else the executor fitted it from the survivors on the way
+                bar = Progress(f"pass {passes}: {stage.label} (fit)", total, self.progress)
+                stage.run_fit(self._counted(_spill_docs(spill), bar))
+                bar.close()
+                passes += 1
             source, pending = _batches(_spill_docs(spill), size), [stage]
         names = ", ".join(["read"] * (spill is None) + [s.label for s in pending] + [pack.label])
         for batch in self.stream(source, pending, f"pass {passes}: {names}", total):
@@ -302,15 +306,17 @@ def curate(cfg: CurateConfig, overwrite: bool = False, log: Callable[[str], None
     out = Path(cfg.output)
     _remove_stale(out, log)
     workers = cfg.workers if cfg.workers is not None else min(os.cpu_count() or 1, 8)
+    executor = make_executor(ExecutorSpec.parse(cfg.executor, config_path or "config"), max(1, workers))
     failed = failed_dir(out)
     with atomic_dir(out, overwrite=overwrite, what="output") as root:
-        run = _Run(cfg, stages, root, log, progress)
+        run = _Run(cfg, stages, root, log, progress, executor)
         ctx = Context(work_dir=run.work, workers=max(1, workers), log=log, sample=run.sink.sample, progress=progress,
                       fate=None if run.fates is None else run.fates.document)  # fmt: skip
         nothing: NothingSurvived | None = None
         try:
             for stage in stages:
                 stage.setup(ctx)
+            executor.start(ctx, run.fates)
             run.run()
             stats = [run.read] + [s.stats for s in stages[:-1]]
             _check_accounting(stats)
@@ -325,6 +331,7 @@ def curate(cfg: CurateConfig, overwrite: bool = False, log: Callable[[str], None
                 empty = {"documents": 0, "tokens": 0}
                 summary = {"mix": {}, "shards": {"train": dict(empty), "val": dict(empty)}, "error": str(e)}
         finally:
+            executor.close()
             run.sink.close()
             fates = run.fates.close() if run.fates is not None else None
         stats.append(stages[-1].stats)
@@ -343,6 +350,7 @@ def curate(cfg: CurateConfig, overwrite: bool = False, log: Callable[[str], None
             **summary,
             **({"fate_log": fates} if fates is not None else {}),
             "workers": ctx.workers,
+            "executor": executor.describe(),
             "wall_time_s": round(time.perf_counter() - t0, 3),
         }  # fmt: skip
         assert report["documents_read"] == dropped + report["documents_written"]

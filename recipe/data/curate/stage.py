@@ -96,6 +96,13 @@ class Stage:
 
     name: ClassVar[str] = "stage"
     needs_fit: ClassVar[bool] = False
+    # After its fit, ``process`` depends on no position in the stream (only on what the fit
+    # learned), so an executor may run the second pass on any worker (``executor: ray``).
+    process_anywhere: ClassVar[bool] = False
+    # The fit is a fold over documents: ``fit_part`` summarizes a run of them anywhere and
+    # ``fit_merge`` folds the summaries in stream order, so an executor can compute the parts
+    # where the documents already are (Ray tasks) instead of a pass over the spill here.
+    fit_in_parts: ClassVar[bool] = False
 
     def __init__(self, buckets: list[str] | None = None, skip_buckets: list[str] | None = None) -> None:
         if buckets is not None and skip_buckets is not None:
@@ -113,6 +120,14 @@ class Stage:
 
     def fit(self, docs: Iterator[Doc]) -> None:
         """One pass over this stage's whole input (only documents it applies to), before ``process``."""
+
+    def fit_part(self, docs: list[Doc]) -> Any:
+        """The summary of a run of this stage's input (only with ``fit_in_parts``)."""
+        raise NotImplementedError(f"stage {self.label} has no fit in parts")
+
+    def fit_merge(self, parts: Iterable[Any]) -> None:
+        """Fold the summaries of consecutive runs of the input, in stream order: the same as ``fit``."""
+        raise NotImplementedError(f"stage {self.label} has no fit in parts")
 
     def process(self, docs: list[Doc]) -> None:
         """Handle one batch in place: rewrite ``doc.text``, tag, or ``self.drop(doc, reason)``."""
@@ -166,6 +181,11 @@ class Stage:
     def run_fit(self, docs: Iterable[Doc]) -> None:
         t0 = time.perf_counter()
         self.fit(d for d in docs if self.applies(d))
+        self.stats.seconds += time.perf_counter() - t0
+
+    def run_fit_parts(self, parts: Iterable[Any]) -> None:
+        t0 = time.perf_counter()
+        self.fit_merge(parts)
         self.stats.seconds += time.perf_counter() - t0
 
     def describe(self) -> str:

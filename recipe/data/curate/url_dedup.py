@@ -4,7 +4,9 @@ The first pass builds a table ``hash(normalized url) -> (newest date, position, 
 (24 bytes of key and value per distinct URL; the URLs themselves are not kept); the
 second keeps the document at that position and drops the others as
 ``url_duplicate``, naming the kept document's id (``duplicate_of``, for the fate log).
-Equal dates keep the first one seen, so reruns agree.
+Equal dates keep the first one seen, so reruns agree. The table can be built in parts
+(``fit_part`` over consecutive runs of documents, ``fit_merge`` in stream order, with the
+same rule), which is how ``executor: ray`` builds it in its tasks.
 
 Dates are read by ``read_date`` in these formats only (anything else is unparsed):
 - ISO 8601 dates and datetimes, with or without a zone: ``2024-01-01``,
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -122,6 +124,7 @@ class UrlDedup(Stage):
 
     name = "url_dedup"
     needs_fit = True
+    fit_in_parts = True  # the newest version per URL folds run by run
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
@@ -135,22 +138,44 @@ class UrlDedup(Stage):
         return text_hash64(normalize_url(doc.url)), (-math.inf if ts is None else ts), why
 
     def fit(self, docs: Iterator[Doc]) -> None:
+        self.fit_merge([self.fit_part(docs)])
+
+    def fit_part(self, docs: Iterable[Doc]) -> tuple[int, dict[int, tuple[float, int, int]], dict[str, int], list[str]]:
+        """``(documents, {url hash: (newest date, position, id)}, date counters, unparsed examples)`` of a run."""
+        best: dict[int, tuple[float, int, int]] = {}
+        counters: dict[str, int] = {}
         examples: list[str] = []
-        for pos, doc in enumerate(docs):
+        n = 0
+        for n, doc in enumerate(docs, 1):
             key = self._key(doc)
             if key is None:
                 continue
             h, ts, why = key
-            if why == "missing":
-                self.count("date_missing")
-            elif why is not None:  # kept, undated; counted with its reason
-                self.count("date_unparsed")
-                self.count(f"date_unparsed:{why}")
-                if len(examples) < UNPARSED_EXAMPLES:
-                    examples.append(f"{doc.source}: {str(doc.date)[:80]!r} ({why})")
-            old = self.best.get(h)
-            if old is None or ts > old[0]:
-                self.best[h] = (ts, pos, text_hash64(doc.source))
+            for counter in (() if why is None else ("date_missing",) if why == "missing" else
+                            ("date_unparsed", f"date_unparsed:{why}")):  # fmt: skip
+                counters[counter] = counters.get(counter, 0) + 1
+            if why not in (None, "missing") and len(examples) < UNPARSED_EXAMPLES:  # kept, undated
+                examples.append(f"{doc.source}: {str(doc.date)[:80]!r} ({why})")
+            old = best.get(h)
+            if old is None or ts > old[0]:  # equal dates: the first one seen stays
+                best[h] = (ts, n - 1, text_hash64(doc.source))
+        return n, best, counters, examples
+
+    def fit_merge(self, parts: Iterable[tuple]) -> None:
+        examples: list[str] = []
+        offset = 0
+        for n, best, counters, part_examples in parts:
+            if offset == 0 and not self.best:
+                self.best = best  # the first part's table as it is (a local fit has only that one)
+            else:
+                for h, (ts, pos, kept) in best.items():
+                    old = self.best.get(h)
+                    if old is None or ts > old[0]:
+                        self.best[h] = (ts, offset + pos, kept)
+            offset += n
+            for counter, c in counters.items():
+                self.count(counter, c)
+            examples += part_examples[: UNPARSED_EXAMPLES - len(examples)]
         self.stats.notes["distinct_urls"] = len(self.best)
         if examples:
             self.stats.notes["date_unparsed_examples"] = examples
