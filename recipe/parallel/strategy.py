@@ -202,7 +202,9 @@ class Parallel4DStrategy(ModelParallelStrategy):
 
         Every rank writes its shards and hashes its share of the files; rank 0 writes
         ``meta.pt`` and the manifest, then renames the directory into place. ``path`` is
-        therefore always a complete checkpoint (or absent), whatever moment a crash hits.
+        therefore always a complete checkpoint (or absent), whatever moment a crash hits. A
+        write error on any rank (disk full) removes the temporary directory and raises the
+        same ``CheckpointWriteError`` on every rank (``_save_phase``).
         """
         if not saves_distributed_checkpoint(self):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -235,16 +237,20 @@ class Parallel4DStrategy(ModelParallelStrategy):
                     shutil.rmtree(tmp)  # the leftover of a save that crashed
                 tmp.mkdir(parents=True)
 
-        def write_and_hash() -> dict[str, Any]:
+        def write() -> None:
             dcp.save(state, checkpoint_id=tmp)
             if self.global_rank == 0:
                 torch.save(checkpoint, tmp / "meta.pt")
-            collectives.barrier()
+
+        def hash_my_share() -> dict[str, Any]:
             names = sorted(p.name for p in tmp.iterdir())
             return {name: file_entry(tmp / name) for name in names[self.global_rank::self.world_size]}
 
+        # Each phase ends in a gather of every rank's outcome, which is also the barrier
+        # between them: no rank waits in a collective that a failed rank never reaches.
         self._save_phase(path, prepare, needed, free_before)
-        shares = self._save_phase(path, write_and_hash, needed, free_before)
+        self._save_phase(path, write, needed, free_before)
+        shares = self._save_phase(path, hash_my_share, needed, free_before)
         files = {name: entry for share in shares for name, entry in share.items()}
 
         def publish() -> None:
@@ -263,9 +269,9 @@ class Parallel4DStrategy(ModelParallelStrategy):
         """
         import shutil
 
-        from recipe.checkpointing import PARTIAL, CheckpointWriteError, failed_save_message, write_error_reason
-
         from torch.distributed.checkpoint.api import CheckpointException
+
+        from recipe.checkpointing import PARTIAL, CheckpointWriteError, failed_save_message, write_error_reason
 
         result, failure = None, None
         try:

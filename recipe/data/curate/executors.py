@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import pickle
 import tempfile
 from collections import deque
 from collections.abc import Iterator
@@ -155,9 +154,9 @@ _WORKER_STAGES: dict[str, tuple[list[Stage], Stage | None]] = {}
 
 def _run_block(block: Any, stages_ref: Any, fate: bool) -> Any:
     """One Ray Data block (documents of one or more input batches): run the stages on each input batch.
-    Returns a table of one row per input batch: its index and the pickled (survivors, events, stage
-    stats, the next fit's part)."""
-    import pyarrow as pa
+    Returns one row per input batch: its index and (survivors, events, stage stats, the next fit's
+    part) as a Python object, which Ray Data serializes itself between the task and the driver."""
+    import numpy as np
     import ray
 
     key = stages_ref.hex()
@@ -168,7 +167,7 @@ def _run_block(block: Any, stages_ref: Any, fate: bool) -> Any:
     batch_ids = block.column("batch").to_pylist()
     texts = block.column("doc").to_pylist()
     out_ids: list[int] = []
-    out_payloads: list[bytes] = []
+    out_payloads: list[tuple] = []
     start = 0
     while start < len(batch_ids):
         end = start
@@ -187,12 +186,14 @@ def _run_block(block: Any, stages_ref: Any, fate: bool) -> Any:
         # The next global stage's summary of these survivors (what its fit would read from the spill).
         part = None if fit is None else fit.fit_part([d for d in batch if fit.applies(d)])
         out_ids.append(batch_ids[start])
-        out_payloads.append(pickle.dumps((batch, capture.events, stats, part), protocol=pickle.HIGHEST_PROTOCOL))
+        out_payloads.append((batch, capture.events, stats, part))
         start = end
-    return pa.table({"batch": pa.array(out_ids, pa.int64()), "payload": pa.array(out_payloads, pa.binary())})
+    payloads = np.empty(len(out_payloads), dtype=object)  # one object per row, not an array of their fields
+    payloads[:] = out_payloads
+    return {"batch": np.asarray(out_ids, dtype=np.int64), "payload": payloads}
 
 
-def _collect(ds: Any) -> list[tuple[int, bytes]]:
+def _collect(ds: Any) -> list[tuple[int, tuple]]:
     """Run a dataset of ``_run_block`` to the end: ``(batch index, payload)`` in input order."""
     return [(row["batch"], row["payload"]) for row in ds.iter_rows()]
 
@@ -380,7 +381,7 @@ class RayExecutor(Executor):
             rows = self._release()
         return batch, rows, samples
 
-    def _replay_batch(self, index: int, held: list, payload: bytes, remote: list[Stage],
+    def _replay_batch(self, index: int, held: list, payload: tuple, remote: list[Stage],
                       parts: list[Any]) -> list[Doc]:  # fmt: skip
         """Log one batch's decisions in the local executor's order; return its survivors."""
         if index != self.remote_batches_segment:
@@ -388,7 +389,7 @@ class RayExecutor(Executor):
                                f"was due")  # fmt: skip
         self._replay(*held[index])
         held[index] = ([], [])
-        survivors, events, stats, part = pickle.loads(payload)
+        survivors, events, stats, part = payload
         parts.append(part)
         for stage, stage_stats in zip(remote, stats):
             _merge(stage.stats, stage_stats)
