@@ -353,11 +353,10 @@ def write_error_reason(err: BaseException, folder: Path, needed: int) -> str:
 def _size(n: int | None) -> str:
     if n is None:
         return "an unknown amount"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    if n < 1024:
+        return f"{n} B"
+    power = min((n.bit_length() - 1) // 10, 4)  # exact: 1024 ** power <= n
+    return f"{n / 1024 ** power:.1f} {('KiB', 'MiB', 'GiB', 'TiB')[power - 1]}"
 
 
 def failed_save_message(path: Path, reason: str, needed: int, free_before: int | None) -> str:

@@ -317,8 +317,8 @@ class LlamaLightningModule(L.LightningModule):
         self._settings_checked = True
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        trainer = attached_trainer(self)
-        self.check_resumed_settings(checkpoint, str(getattr(trainer, "ckpt_path", None) or "the checkpoint"))
+        self.check_resumed_settings(checkpoint, str(getattr(attached_trainer(self), "ckpt_path", None)
+                                                    or "the checkpoint"))
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
         if self.run_plan is not None and "run_plan" in checkpoint:
             self.run_plan.load_state_dict(checkpoint["run_plan"])
