@@ -19,6 +19,7 @@ from recipe.data.curate.quality import QualityClassifier, train_classifier
 from recipe.data.curate.record import Doc
 from recipe.data.curate.safety import PiiMask, mask_pii
 from recipe.data.curate.synthetic import low_quality_texts, reference_texts
+from recipe.data.curate.tasks import tasks_dir
 from recipe.data.curate.url_dedup import normalize_url, parse_date
 from recipe.data.errors import DataError
 from recipe.data.shards import ShardSet
@@ -311,13 +312,14 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(curated, model_path,
     out = d / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         curate(config(d / "corpus.jsonl", out, model_path), log=lambda s: None, progress=False)
-    assert not out.exists() and not list(d.glob("interrupted.*"))
+    # Only its finished tasks, which a rerun restores (tests/test_curate_restart.py).
+    assert not out.exists() and [p.name for p in d.glob("interrupted.*")] == ["interrupted.tasks"]
     monkeypatch.undo()
     # A killed run (its pid is gone) leaves a temp folder: the next run removes it and publishes.
     stale = d / f"interrupted.tmp-{2**22 + 12345}"
     (stale / "train").mkdir(parents=True)
     curate(config(d / "corpus.jsonl", out, model_path), log=lambda s: None, progress=False)
-    assert not stale.exists() and (out / "train" / "index.json").is_file()
+    assert not stale.exists() and (out / "train" / "index.json").is_file() and not tasks_dir(out).exists()
     with pytest.raises(DataError, match="already exists"):
         curate(config(d / "corpus.jsonl", out, model_path), log=lambda s: None, progress=False)
 

@@ -6,7 +6,7 @@
     recipe data info  SHARD_SET_OR_DATA_DIR
     recipe data verify SHARD_SET_OR_DATA_DIR
     recipe data curate --config configs/data/demo.yaml [--input PATH ...] [--output DIR]
-                       [--workers N] [--executor local|ray] [--overwrite] [--no-progress]
+                       [--workers N] [--executor local|ray] [--overwrite] [--fresh] [--no-progress]
     recipe data train-classifier --positives FILE --negatives FILE --out MODEL.npz
 
 Bad input prints the one-line error to stderr and exits with status 2 (no traceback).
@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     curate.add_argument("--executor", choices=("local", "ray"), default=None,
                         help="run the per-document stages here (local) or on Ray Data (ray); default: the config's")
     curate.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    curate.add_argument("--fresh", action="store_true",
+                        help="run every block again, ignoring what an interrupted run of this config finished")
     curate.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     train = sub.add_parser("train-classifier", help="train the fastText-style quality classifier on labelled files")
@@ -182,7 +184,8 @@ def _curate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, input=args.input, output=args.output, workers=args.workers,
                       executor=args.executor)  # fmt: skip
-    curate(cfg, overwrite=args.overwrite, progress=False if args.no_progress else None, config_path=args.config)
+    curate(cfg, overwrite=args.overwrite, progress=False if args.no_progress else None, config_path=args.config,
+           resume=not args.fresh)
     return 0
 
 

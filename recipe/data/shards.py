@@ -55,8 +55,8 @@ import numpy as np
 from recipe.data.errors import DataError
 
 __all__ = [
-    "DEFAULT_DOMAIN", "FORMAT", "VERSION", "ShardWriter", "ShardSet", "atomic_dir", "file_checksum", "index_domains",
-    "is_complete",
+    "DEFAULT_DOMAIN", "FORMAT", "VERSION", "ShardWriter", "ShardSet", "atomic_dir", "check_free", "file_checksum",
+    "index_domains", "is_complete",
 ]
 
 FORMAT = "llama3-recipe-shards"
@@ -119,7 +119,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, what: str = 
     one is moved aside first because rename() cannot replace a non-empty directory).
     """
     out = Path(out_dir)
-    _check_free(out, overwrite, what)
+    check_free(out, overwrite, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     _remove(tmp)  # leftover of a crashed run of ours with the same pid
@@ -128,7 +128,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, what: str = 
         yield tmp
         old = out.with_name(f"{out.name}.old-{os.getpid()}")
         if out.exists():
-            _check_free(out, overwrite, what)  # it may have appeared while we worked
+            check_free(out, overwrite, what)  # it may have appeared while we worked
             _remove(old)
             os.replace(out, old)
         os.replace(tmp, out)
@@ -138,7 +138,8 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, what: str = 
         raise
 
 
-def _check_free(out: Path, overwrite: bool, what: str) -> None:
+def check_free(out: Path, overwrite: bool, what: str) -> None:
+    """Raise the one-line error ``atomic_dir`` gives when ``out`` holds something and ``overwrite`` is off."""
     if overwrite or not out.exists():
         return
     if out.is_dir() and not any(out.iterdir()):

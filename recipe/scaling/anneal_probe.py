@@ -187,7 +187,7 @@ def anneal_probe(checkpoint_path: str | os.PathLike, candidate: str | Mapping[st
               "default": arms["default"], "with_candidate": arms["candidate"], "change": delta,
               "wall_s": round(time.perf_counter() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
-    from recipe.scaling.sweep import atomic_write_text
+    from recipe.files import atomic_write_text
 
     atomic_write_text(out / "anneal_probe.json", json.dumps(report, indent=1))
     return report

@@ -198,7 +198,7 @@ def describe_forecast(f: dict[str, Any]) -> str:
 def cmd_fit(args: argparse.Namespace) -> int:
     from recipe.scaling.isoflop import fit_isoflops, fit_summary
     from recipe.scaling.plots import isoflop_figure, log_tensorboard, power_law_figure, save_png
-    from recipe.scaling.sweep import atomic_write_text
+    from recipe.files import atomic_write_text
 
     rows, out, config = _rows_and_out(args)
     out = Path(args.out) if args.out else out
@@ -260,7 +260,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     if rows and any(r.get("bench_nll") not in (None, "") for r in rows):
         report["downstream"] = _downstream(rows, args, out)
     if out is not None:
-        from recipe.scaling.sweep import atomic_write_text
+        from recipe.files import atomic_write_text
 
         atomic_write_text(out / "forecast.json", json.dumps(report, indent=1, default=float))
     return 0
@@ -302,7 +302,8 @@ def cmd_mix(args: argparse.Namespace) -> int:
     from recipe.scaling.mix import mix_frontiers, rank_mixes
     from recipe.scaling.plan import load_config, plan_sweep
     from recipe.scaling.plots import log_tensorboard, mix_figure, save_png
-    from recipe.scaling.sweep import atomic_write_text, run_sweep, write_table
+    from recipe.files import atomic_write_text
+    from recipe.scaling.sweep import run_sweep, write_table
 
     config = load_config(args.config)
     if not config.mixes:

@@ -26,22 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from recipe.errors import ConfigError
+from recipe.files import atomic_write_text
 from recipe.scaling.plan import Plan, RunSpec, SweepConfig
 
 COLUMNS = ["run_id", "mix", "budget", "size", "params", "tokens", "steps", "batch_tokens", "flops_per_token",
            "compute", "lr", "val_loss", "bench_nll", "bench_acc", "bench_chance", "checkpoint", "wall_s", "status"]
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file in the same folder and ``os.replace``: all or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def run_dir(config: SweepConfig, spec: RunSpec) -> Path:

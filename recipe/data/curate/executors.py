@@ -13,11 +13,16 @@ the documents - every drop (for the audit samples and the fate log) and each sta
 counters - and the driver replays it in the order the local executor would have met it,
 so the report, the audit files, ``fates.parquet`` and the shards are the same as a local
 run's. A global stage whose fit is a fold over documents (``fit_in_parts``: ``url_dedup``'s
-newest date per URL, ``token_kl``'s token counts per bucket) has its parts computed in the
-same tasks, from the survivors, and only folded on the driver; its pass over the spill is
-skipped. Still on the driver: reading the input, the fits of ``near_dedup`` (MinHash + LSH,
-over its own worker processes) and ``line_dedup``, the positional second pass of
-``url_dedup``, ``near_dedup`` and ``line_dedup``, and mixing and packing. The driver ships a
+newest date per URL, ``near_dedup``'s hashes, MinHash signatures and LSH band keys,
+``line_dedup``'s line hashes, ``token_kl``'s token counts per bucket) has its parts computed
+in the same tasks, from the survivors, and only folded on the driver; its pass over the
+spill is skipped (a fit whose segment has no Ray task, e.g. right after ``url_dedup``'s
+positional pass, still reads the spill on the driver). The fold's independent pieces run
+as Ray tasks through ``Context.map`` (``ray_map.py``): ``near_dedup``'s candidate pairs band
+by band and their verification, ``line_dedup``'s counting bucket by bucket. Still on the
+driver: reading the input, the folds themselves (writing the signatures, the union-find
+over the LSH candidate pairs, the URL table), the positional second pass of ``url_dedup``,
+``near_dedup`` and ``line_dedup``, and mixing and packing. The driver ships a
 segment in windows of batches (``max(8, 4 x CPUs)``), one Ray Data execution each, and reads
 the next window while Ray runs the last one: at most two windows are in the object store.
 
@@ -91,7 +96,9 @@ class Executor:
 
     def stream(self, source: Iterator[list[Doc]], stages: list[Stage], desc: str, total: int | None,
                fit: Stage | None = None) -> Iterator[list[Doc]]:  # fmt: skip
-        """``fit``: the stage that will fit on the survivors; an executor may fit it on the way (see ``fitted``)."""
+        """One list of survivors per input batch (empty if none survived), in order, each handed on after
+        everything its batch logged and before anything the next one logs (``tasks.py`` cuts blocks there).
+        ``fit``: the stage that will fit on the survivors; an executor may fit it on the way (see ``fitted``)."""
         raise NotImplementedError
 
     def fitted(self, stage: Stage) -> bool:
@@ -132,6 +139,8 @@ def _distributable(stage: Stage) -> bool:
 
 # One event of a worker: ("sample", label, doc) or ("fate", label, doc, decision, duplicate_of).
 Event = tuple
+# What the driver logged while reading one input batch: fate-log rows and audit samples.
+Logged = tuple[list[tuple], list[tuple[str, Doc]]]
 
 
 class _Capture:
@@ -198,21 +207,6 @@ def _collect(ds: Any) -> list[tuple[int, tuple]]:
     return [(row["batch"], row["payload"]) for row in ds.iter_rows()]
 
 
-def _merge(into: StageStats, part: StageStats) -> None:
-    into.documents_in += part.documents_in
-    into.bytes_in += part.bytes_in
-    into.documents_out += part.documents_out
-    into.bytes_out += part.bytes_out
-    for reason, d in part.dropped.items():
-        entry = into.dropped.setdefault(reason, {"documents": 0, "bytes": 0})
-        entry["documents"] += d["documents"]
-        entry["bytes"] += d["bytes"]
-    for counter, n in part.counters.items():
-        into.counters[counter] = into.counters.get(counter, 0) + n
-    into.notes.update(part.notes)
-    into.seconds += part.seconds
-
-
 def _shippable(stage: Stage) -> Stage:
     """A copy of a set-up stage without the driver's context (its audit sink holds open files)."""
     twin = copy.copy(stage)
@@ -263,6 +257,8 @@ class RayExecutor(Executor):
         data_ctx.execution_options.preserve_order = True  # survivors come back in input order
         data_ctx.enable_progress_bars = False
         self.cpus = int(ray.cluster_resources().get("CPU", 0))
+        from recipe.data.curate.ray_map import RayMap  # a global stage's independent tasks (bands, buckets)
+        ctx.map = RayMap(ahead=2 * max(1, self.cpus))
         ctx.log(f"executor ray: {self.cpus} CPUs ({'in-process' if self.address is None else self.address})")
 
     def close(self) -> None:
@@ -310,7 +306,10 @@ class RayExecutor(Executor):
         fn_kwargs = {"stages_ref": stages_ref, "fate": self.fates is not None}
         # Batches per Ray Data execution: the driver reads the next window while Ray runs this one.
         window = max(8, 4 * max(1, getattr(self, "cpus", 1)))
-        held: list[tuple[list[tuple], list[tuple[str, Doc]]]] = []  # per shipped batch: logged before it
+        # Per shipped batch: the input batches before it that the in-order stages emptied (what each
+        # logged), and what it logged itself; each is handed on in its turn, an emptied one as [].
+        held: list[tuple[list[Logged], Logged]] = []
+        emptied: list[Logged] = []
         rows: list[tuple] = []
         samples: list[tuple[str, Doc]] = []
         parts: list[Any] = []
@@ -324,16 +323,15 @@ class RayExecutor(Executor):
                     # 1. Read a window of batches here, through the in-order stages.
                     tables: list[Any] = []
                     while len(tables) < window:
-                        batch, logged, sampled = self._pull(batches, driver, bar)
-                        rows += logged
-                        samples += sampled
-                        if batch is None:
+                        batch, rows, samples = self._pull(batches, driver, bar)
+                        if batch is None:  # rows: logged after the last batch
                             done = True
                             break
-                        if not batch:  # nothing to ship: what it logged goes before the next batch's decisions
+                        if not batch:  # nothing to ship: handed on as [] before the next shipped batch
+                            emptied.append((rows, samples))
                             continue
-                        held.append((rows, samples))
-                        rows, samples = [], []
+                        held.append((emptied, (rows, samples)))
+                        emptied = []
                         tables.append(pa.table({"batch": pa.array([shipped] * len(batch), pa.int64()),
                                                 "doc": pa.array([d.to_json() for d in batch], pa.large_string())}))
                         shipped += 1
@@ -348,14 +346,21 @@ class RayExecutor(Executor):
                     # 3. Replay the windows before the newest one (it runs while the next is read).
                     while len(running) > (0 if done else 1):
                         for index, payload in running.popleft().result():
-                            survivors = self._replay_batch(index, held, payload, remote, parts)
-                            if survivors:
-                                yield survivors
+                            before, logged = held[index]
+                            held[index] = ([], ([], []))
+                            for empty in before:
+                                self._replay(*empty)
+                                yield []
+                            self._replay(*logged)
+                            yield self._replay_batch(index, payload, remote, parts)
         finally:
             bar.close()
         if self.remote_batches_segment != shipped:
             raise RuntimeError(f"ray executor: {self.remote_batches_segment} of {shipped} batches came back")
-        self._replay(rows, samples)  # logged after the last shipped batch
+        for empty in emptied:  # emptied after the last shipped batch
+            self._replay(*empty)
+            yield []
+        self._replay(rows, samples)
         if fit is not None:
             fit.run_fit_parts(parts)
             self._fitted = fit
@@ -381,18 +386,16 @@ class RayExecutor(Executor):
             rows = self._release()
         return batch, rows, samples
 
-    def _replay_batch(self, index: int, held: list, payload: tuple, remote: list[Stage],
-                      parts: list[Any]) -> list[Doc]:  # fmt: skip
-        """Log one batch's decisions in the local executor's order; return its survivors."""
+    def _replay_batch(self, index: int, payload: tuple, remote: list[Stage], parts: list[Any]) -> list[Doc]:
+        """Log the decisions its tasks made about one shipped batch, in the local executor's order; return
+        its survivors."""
         if index != self.remote_batches_segment:
             raise RuntimeError(f"ray executor: batch {index} came back where batch {self.remote_batches_segment} "
                                f"was due")  # fmt: skip
-        self._replay(*held[index])
-        held[index] = ([], [])
         survivors, events, stats, part = payload
         parts.append(part)
         for stage, stage_stats in zip(remote, stats):
-            _merge(stage.stats, stage_stats)
+            stage.stats.add(stage_stats)
         for event in events:
             if event[0] == "sample":
                 self.ctx.sample(event[1], event[2])

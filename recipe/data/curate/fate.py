@@ -23,6 +23,7 @@ with ``pyarrow.parquet.read_table`` or ``pandas.read_parquet``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ class FateLog:
         self._writer: Any = None
         self._held: list[tuple] | None = None
         self.counts: dict[str, int] = dict.fromkeys(DECISIONS, 0)
+        self.tap: Callable[[tuple], None] | None = None  # sees every row as it is written (tasks.Recorder)
 
     @property
     def rows(self) -> int:
@@ -70,10 +72,18 @@ class FateLog:
         for row in rows:
             self._add(row)
 
+    def restore_rows(self, rows: list[list[Any]]) -> None:
+        """Write and count rows stored by a finished task of an interrupted run."""
+        for row in rows:
+            self.counts[row[6]] += 1
+            self._add(tuple(row))
+
     def _add(self, row: tuple) -> None:
         if self._held is not None:
             self._held.append(row)
             return
+        if self.tap is not None:
+            self.tap(row)
         for column, value in zip(self._rows.values(), row):
             column.append(value)
         if len(self._rows["doc_id"]) >= self.batch_rows:

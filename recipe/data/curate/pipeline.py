@@ -41,8 +41,9 @@ from recipe.data.curate.reader import Quarantined, Skipped, list_sources, read_r
 from recipe.data.curate.record import Doc
 from recipe.data.curate.report import AuditSink, write_reports
 from recipe.data.curate.stage import Context, Stage, StageStats, build_stage
+from recipe.data.curate.tasks import Recorder, TaskStore, apply_change, restored_sample, run_fingerprint, take, tasks_dir
 from recipe.data.errors import DataError
-from recipe.data.shards import atomic_dir
+from recipe.data.shards import atomic_dir, check_free
 from recipe.errors import ConfigError
 
 __all__ = ["CurateConfig", "curate", "failed_dir", "load_config", "prepare_demo_inputs"]
@@ -199,6 +200,8 @@ class _Run:
         self.sink = AuditSink(root / "report", cfg.samples_per_reason)
         self.fates = FateLog(root / "report" / FATE_FILE) if cfg.fate_log else None
         self.read = StageStats("read", "reader")
+        self.store: TaskStore | None = None
+        self.passes = 0  # the stage segments streamed so far
         self.spills = 0
         self.skipped_examples: list[str] = []
 
@@ -232,7 +235,54 @@ class _Run:
 
     def stream(self, source: Iterator[list[Doc]], stages: list[Stage], desc: str, total: int | None,
                fit: Stage | None = None) -> Iterator[list[Doc]]:  # fmt: skip
-        return self.executor.stream(source, stages, desc, total, fit)
+        """One pass: the blocks an interrupted run finished are restored, the rest run on the executor and
+        are stored as they finish (``tasks.py``)."""
+        self.passes += 1
+        if self.store is None:
+            yield from self.executor.stream(source, stages, desc, total, fit)
+            return
+        pass_no, source = self.passes, iter(source)
+        finished = self.store.finished(pass_no)
+        positional = [s for s in stages if s.needs_fit and not s.process_anywhere]
+        blocked = [s.label for s in positional if type(s).skip is Stage.skip]
+        if finished and blocked:
+            self.log(f"pass {pass_no} runs again from its start: stage {blocked[0]} cannot skip restored documents")
+            finished = 0
+        by_label = {s.label: s for s in stages}
+        index = restored_docs = 0
+        bar = Progress(f"{desc} (restoring)", None, self.progress) if finished else None
+        for batch in take(source, finished):
+            restored_docs += len(batch)
+            for stage in positional:
+                stage.skip([d for d in batch if stage.applies(d)])
+            record = self.store.load(pass_no, index)
+            for label, change in record.stats.items():
+                apply_change(by_label[label].stats, change)
+            if self.fates is not None:
+                self.fates.restore_rows(record.rows)
+            for sample in record.samples:
+                self.sink.sample(*restored_sample(sample))
+            index += 1
+            bar.update(len(batch))
+            yield record.survivors
+        if bar is not None:
+            bar.close()
+        recorder = Recorder(stages)
+        self.sink.tap = recorder.sample
+        if self.fates is not None:
+            self.fates.tap = recorder.row
+        try:
+            # A fit from parts would see only the blocks run now: after a restore, the runner fits from the spill.
+            left = None if total is None else total - restored_docs
+            for survivors in self.executor.stream(source, stages, desc, left, fit if not finished else None):
+                self.store.save(pass_no, index, recorder.block(survivors))
+                index += 1
+                yield survivors
+        finally:
+            self.sink.tap = None
+            if self.fates is not None:
+                self.fates.tap = None
+        self.store.pass_done(pass_no, index)
 
     def run(self) -> None:
         *filters, pack = self.stages
@@ -293,8 +343,10 @@ def _check_accounting(stats: list[StageStats]) -> None:
 
 
 def curate(cfg: CurateConfig, overwrite: bool = False, log: Callable[[str], None] | None = None,
-           progress: bool | None = None, config_path: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """Run ``cfg``; return the report (also written to ``<output>/report/``)."""
+           progress: bool | None = None, config_path: str | None = None, resume: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Run ``cfg``; return the report (also written to ``<output>/report/``). The blocks that an
+    interrupted run of the same config and input finished are restored, not run again, unless
+    ``resume`` is False (``tasks.py``)."""
     log = log or (lambda s: print(s, file=sys.stderr))
     progress = sys.stderr.isatty() if progress is None else progress
     t0 = time.perf_counter()
@@ -308,8 +360,11 @@ def curate(cfg: CurateConfig, overwrite: bool = False, log: Callable[[str], None
     workers = cfg.workers if cfg.workers is not None else min(os.cpu_count() or 1, 8)
     executor = make_executor(ExecutorSpec.parse(cfg.executor, config_path or "config"), max(1, workers))
     failed = failed_dir(out)
+    check_free(out, overwrite, "output")  # before a task store is touched
+    store = TaskStore(tasks_dir(out), run_fingerprint(cfg), log, resume)
     with atomic_dir(out, overwrite=overwrite, what="output") as root:
         run = _Run(cfg, stages, root, log, progress, executor)
+        run.store = store
         ctx = Context(work_dir=run.work, workers=max(1, workers), log=log, sample=run.sink.sample, progress=progress,
                       fate=None if run.fates is None else run.fates.document)  # fmt: skip
         nothing: NothingSurvived | None = None
@@ -351,6 +406,7 @@ def curate(cfg: CurateConfig, overwrite: bool = False, log: Callable[[str], None
             **({"fate_log": fates} if fates is not None else {}),
             "workers": ctx.workers,
             "executor": executor.describe(),
+            "tasks": store.describe(),
             "wall_time_s": round(time.perf_counter() - t0, 3),
         }  # fmt: skip
         assert report["documents_read"] == dropped + report["documents_written"]
@@ -362,8 +418,10 @@ def curate(cfg: CurateConfig, overwrite: bool = False, log: Callable[[str], None
             shutil.rmtree(failed, ignore_errors=True)
             failed.mkdir(parents=True)
             os.replace(root / "report", failed / "report")
+            store.remove()  # the run ended; nothing to resume
             raise DataError(f"no document survived curation; see the drop counts per stage above and the report "
                             f"in {failed / 'report'}; loosen the filters or check the input") from None  # fmt: skip
+    store.remove()  # published: nothing left to resume
     shutil.rmtree(failed, ignore_errors=True)  # a failed earlier run's report no longer applies
     log(_summary_line(report))
     return report

@@ -16,6 +16,7 @@ import base64
 import html
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,11 @@ class AuditSink:
         self.counts: dict[tuple[str, str], int] = {}
         self._files: dict[tuple[str, str], Any] = {}
         self._quarantine = open(self.dir / "quarantine.jsonl", "w", encoding="utf-8")
+        self.tap: Callable[[str, Doc], None] | None = None  # sees every sample (tasks.Recorder)
 
     def sample(self, stage: str, doc: Doc) -> None:
+        if self.tap is not None:
+            self.tap(stage, doc)
         key = (stage, doc.drop_reason or "unknown")
         n = self.counts.get(key, 0)
         self.counts[key] = n + 1

@@ -69,6 +69,21 @@ class StageStats:
     def documents_dropped(self) -> int:
         return sum(d["documents"] for d in self.dropped.values())
 
+    def add(self, part: StageStats) -> None:
+        """Add the counts of a part of this stage's input (a Ray task's, a restored block's)."""
+        self.documents_in += part.documents_in
+        self.bytes_in += part.bytes_in
+        self.documents_out += part.documents_out
+        self.bytes_out += part.bytes_out
+        for reason, d in part.dropped.items():
+            entry = self.dropped.setdefault(reason, {"documents": 0, "bytes": 0})
+            entry["documents"] += d["documents"]
+            entry["bytes"] += d["bytes"]
+        for counter, n in part.counters.items():
+            self.counters[counter] = self.counters.get(counter, 0) + n
+        self.notes.update(part.notes)
+        self.seconds += part.seconds
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "class": self.kind, "documents_in": self.documents_in, "bytes_in": self.bytes_in,
@@ -89,6 +104,9 @@ class Context:
     progress: bool = False
     # The fate log: (stage label, document, decision, duplicate_of); None when it is off.
     fate: Callable[[str, Doc, str, str | None], None] | None = None
+    # An ordered map whose calls may run in parallel, for a global stage's independent tasks (one
+    # LSH band, one bucket): the builtin here; ``executor: ray`` sets one that runs each call as a Ray task.
+    map: Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]] = map
 
 
 class Stage:
@@ -132,6 +150,13 @@ class Stage:
     def process(self, docs: list[Doc]) -> None:
         """Handle one batch in place: rewrite ``doc.text``, tag, or ``self.drop(doc, reason)``."""
         raise NotImplementedError
+
+    def skip(self, docs: list[Doc]) -> None:
+        """These documents (the ones this stage applies to) went by in a block that an interrupted run had
+        finished and that is restored, not run (``tasks.py``): advance what ``process`` keeps per position
+        in the stream, deciding nothing. Only a fitted stage that counts positions needs it; without it,
+        such a stage's pass runs again from its start on resume."""
+        raise NotImplementedError(f"stage {self.label} cannot skip restored documents")
 
     def finish(self) -> None:
         """Called once after the last batch (release memory, add counters)."""

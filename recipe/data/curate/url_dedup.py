@@ -6,7 +6,11 @@ second keeps the document at that position and drops the others as
 ``url_duplicate``, naming the kept document's id (``duplicate_of``, for the fate log).
 Equal dates keep the first one seen, so reruns agree. The table can be built in parts
 (``fit_part`` over consecutive runs of documents, ``fit_merge`` in stream order, with the
-same rule), which is how ``executor: ray`` builds it in its tasks.
+same rule), which is how ``executor: ray`` builds it in its tasks. Several parts are merged
+as a shuffle by URL: each part's table is split by URL hash into ``URL_PARTITIONS``
+partitions, each partition is folded (newest date, then first position) as one call of
+``Context.map`` (a Ray task under ``executor: ray``), and the folded partitions are joined
+into the table on the driver, where the positional second pass runs.
 
 Dates are read by ``read_date`` in these formats only (anything else is unparsed):
 - ISO 8601 dates and datetimes, with or without a zone: ``2024-01-01``,
@@ -37,10 +41,12 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import numpy as np
+
 from recipe.data.curate.record import Doc, text_hash64
 from recipe.data.curate.stage import Stage, register
 
-__all__ = ["UrlDedup", "normalize_url", "parse_date", "read_date"]
+__all__ = ["URL_PARTITIONS", "UrlDedup", "UrlTable", "newest_per_url", "normalize_url", "parse_date", "read_date"]
 
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 _TRACKING = ("utm_", "fbclid", "gclid", "mc_cid", "mc_eid")
@@ -118,6 +124,21 @@ def parse_date(value: object) -> float | None:
     return read_date(value)[0]
 
 
+URL_PARTITIONS = 16  # the shuffle's partitions: independent folds, one task each
+# Per URL hash, in stream order: (url hashes uint64, dates float64, positions int64, kept ids uint64).
+UrlTable = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def newest_per_url(table: UrlTable) -> UrlTable:
+    """One row per URL hash: the newest date, and among equal dates the first position."""
+    h, ts, pos, kept = table
+    order = np.lexsort((pos, -ts, h))  # by URL, newest first, then earliest
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = h[order[1:]] != h[order[:-1]]
+    pick = order[first]
+    return h[pick], ts[pick], pos[pick], kept[pick]
+
+
 @register
 class UrlDedup(Stage):
     """Keep the newest document of each URL; drop the rest as ``url_duplicate``."""
@@ -140,8 +161,9 @@ class UrlDedup(Stage):
     def fit(self, docs: Iterator[Doc]) -> None:
         self.fit_merge([self.fit_part(docs)])
 
-    def fit_part(self, docs: Iterable[Doc]) -> tuple[int, dict[int, tuple[float, int, int]], dict[str, int], list[str]]:
-        """``(documents, {url hash: (newest date, position, id)}, date counters, unparsed examples)`` of a run."""
+    def fit_part(self, docs: Iterable[Doc]) -> tuple[int, UrlTable, dict[str, int], list[str]]:
+        """``(documents, table of (url hash, newest date, position, id), date counters, unparsed examples)``
+        of a run."""
         best: dict[int, tuple[float, int, int]] = {}
         counters: dict[str, int] = {}
         examples: list[str] = []
@@ -159,23 +181,34 @@ class UrlDedup(Stage):
             old = best.get(h)
             if old is None or ts > old[0]:  # equal dates: the first one seen stays
                 best[h] = (ts, n - 1, text_hash64(doc.source))
-        return n, best, counters, examples
+        values = list(best.values())
+        table = (np.fromiter(best, np.uint64, len(best)), np.fromiter((v[0] for v in values), np.float64, len(best)),
+                 np.fromiter((v[1] for v in values), np.int64, len(best)),
+                 np.fromiter((v[2] for v in values), np.uint64, len(best)))  # fmt: skip
+        return n, table, counters, examples
 
-    def fit_merge(self, parts: Iterable[tuple]) -> None:
+    def fit_merge(self, parts: Iterable[tuple[int, UrlTable, dict[str, int], list[str]]]) -> None:
+        """Shuffle the parts' tables by URL hash, fold each partition (one ``Context.map`` call), join."""
         examples: list[str] = []
+        partitions: list[list[UrlTable]] = [[] for _ in range(URL_PARTITIONS)]
         offset = 0
-        for n, best, counters, part_examples in parts:
-            if offset == 0 and not self.best:
-                self.best = best  # the first part's table as it is (a local fit has only that one)
-            else:
-                for h, (ts, pos, kept) in best.items():
-                    old = self.best.get(h)
-                    if old is None or ts > old[0]:
-                        self.best[h] = (ts, offset + pos, kept)
+        for n, (h, ts, pos, kept), counters, part_examples in parts:
+            where = (h % np.uint64(URL_PARTITIONS)).astype(np.intp)
+            order = np.argsort(where, kind="stable")
+            bounds = np.searchsorted(where[order], np.arange(URL_PARTITIONS + 1))
+            for p in range(URL_PARTITIONS):
+                rows = order[bounds[p] : bounds[p + 1]]
+                if rows.size:
+                    partitions[p].append((h[rows], ts[rows], pos[rows] + offset, kept[rows]))
             offset += n
             for counter, c in counters.items():
                 self.count(counter, c)
             examples += part_examples[: UNPARSED_EXAMPLES - len(examples)]
+        tables = ([np.concatenate(column) for column in zip(*tables)] for tables in partitions if tables)
+        tasks = map if self.ctx is None else self.ctx.map
+        self.best = {}
+        for h, ts, pos, kept in tasks(newest_per_url, tables):
+            self.best.update(zip(h.tolist(), zip(ts.tolist(), pos.tolist(), kept.tolist())))
         self.stats.notes["distinct_urls"] = len(self.best)
         if examples:
             self.stats.notes["date_unparsed_examples"] = examples
@@ -191,6 +224,9 @@ class UrlDedup(Stage):
             if keep_pos != pos:
                 when = "undated" if ts == -math.inf else datetime.fromtimestamp(ts, timezone.utc).date().isoformat()
                 self.drop(doc, "url_duplicate", f"a version dated {when} is kept", duplicate_of=f"{kept_id:016x}")
+
+    def skip(self, docs: list[Doc]) -> None:
+        self._pos += len(docs)
 
     def finish(self) -> None:
         self.best = {}
