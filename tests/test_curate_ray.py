@@ -91,11 +91,12 @@ def test_report_is_identical(both):
     assert local["executor"] == {"name": "local"}
     ray_run = remote["executor"]
     assert ray_run["name"] == "ray" and ray_run["cpus"] == 2 and ray_run["remote_batches"] > 20
-    assert ray_run["remote_stages"] == ["clean", "blocklist", "domains", "repetition", "basic_filter", "dirty_words",
-                                        "token_kl", "quality", "pii"]  # fmt: skip
-    # Summed up from the tasks' parts. Not near_dedup: only url_dedup's positional pass runs before
-    # its fit, on the driver, so there is no Ray task to compute its parts in (it fits over the spill).
-    assert ray_run["remote_fits"] == ["url_dedup", "line_dedup", "token_kl"]
+    # line_dedup's second pass too: the input is one bucket, so it follows no position.
+    assert ray_run["remote_stages"] == ["clean", "blocklist", "domains", "line_dedup", "repetition", "basic_filter",
+                                        "dirty_words", "token_kl", "quality", "pii"]  # fmt: skip
+    # Summed up from the tasks' parts; near_dedup's from tasks that run no stage (url_dedup's pass is
+    # positional, on the driver) and only compute the signatures of its survivors.
+    assert ray_run["remote_fits"] == ["url_dedup", "near_dedup", "line_dedup", "token_kl"]
 
 
 def test_fate_log_and_audit_files_are_identical(both):

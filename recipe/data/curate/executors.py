@@ -16,13 +16,15 @@ run's. A global stage whose fit is a fold over documents (``fit_in_parts``: ``ur
 newest date per URL, ``near_dedup``'s hashes, MinHash signatures and LSH band keys,
 ``line_dedup``'s line hashes, ``token_kl``'s token counts per bucket) has its parts computed
 in the same tasks, from the survivors, and only folded on the driver; its pass over the
-spill is skipped (a fit whose segment has no Ray task, e.g. right after ``url_dedup``'s
-positional pass, still reads the spill on the driver). The fold's independent pieces run
+spill is skipped. A segment with no stage to run in Ray (``url_dedup``'s positional pass before
+``near_dedup``) still ships its survivors to Ray tasks for the parts alone (the MinHash
+signatures), and the tasks send back only the parts. The fold's independent pieces run
 as Ray tasks through ``Context.map`` (``ray_map.py``): ``near_dedup``'s candidate pairs band
 by band and their verification, ``line_dedup``'s counting bucket by bucket. Still on the
 driver: reading the input, the folds themselves (writing the signatures, the union-find
 over the LSH candidate pairs, the URL table), the positional second pass of ``url_dedup``,
-``near_dedup`` and ``line_dedup``, and mixing and packing. The driver ships a
+``near_dedup`` and ``line_dedup`` (with several buckets; with one, ``line_dedup``'s second
+pass runs in the Ray tasks), and mixing and packing. The driver ships a
 segment in windows of batches (``max(8, 4 x CPUs)``), one Ray Data execution each, and reads
 the next window while Ray runs the last one: at most two windows are in the object store.
 
@@ -161,7 +163,7 @@ class _Capture:
 _WORKER_STAGES: dict[str, tuple[list[Stage], Stage | None]] = {}
 
 
-def _run_block(block: Any, stages_ref: Any, fate: bool) -> Any:
+def _run_block(block: Any, stages_ref: Any, fate: bool, return_docs: bool = True) -> Any:
     """One Ray Data block (documents of one or more input batches): run the stages on each input batch.
     Returns one row per input batch: its index and (survivors, events, stage stats, the next fit's
     part) as a Python object, which Ray Data serializes itself between the task and the driver."""
@@ -195,7 +197,8 @@ def _run_block(block: Any, stages_ref: Any, fate: bool) -> Any:
         # The next global stage's summary of these survivors (what its fit would read from the spill).
         part = None if fit is None else fit.fit_part([d for d in batch if fit.applies(d)])
         out_ids.append(batch_ids[start])
-        out_payloads.append((batch, capture.events, stats, part))
+        # Without stages (only the next fit's part is wanted) the driver still holds the documents.
+        out_payloads.append((batch if return_docs else [], capture.events, stats, part))
         start = end
     payloads = np.empty(len(out_payloads), dtype=object)  # one object per row, not an array of their fields
     payloads[:] = out_payloads
@@ -286,12 +289,13 @@ class RayExecutor(Executor):
         while split < len(stages) and not _distributable(stages[split]):
             split += 1
         driver, remote = stages[:split], stages[split:]
-        if not remote or any(not _distributable(s) for s in remote):
+        if fit is not None and not fit.fit_in_parts:
+            fit = None
+        # With no stage to run there, Ray tasks still compute the next fit's parts (MinHash signatures).
+        if (not remote and fit is None) or any(not _distributable(s) for s in remote):
             yield from LocalExecutor.stream(self, source, stages, desc, total)
             return
         self.remote_stages += [s.label for s in remote]
-        if fit is not None and not fit.fit_in_parts:
-            fit = None
         if fit is not None:
             self.remote_fits.append(fit.label)
         yield from self._stream_ray(source, driver, remote, fit, desc + " (ray)", total)
@@ -303,12 +307,13 @@ class RayExecutor(Executor):
         import ray.data
 
         stages_ref = ray.put(([_shippable(s) for s in remote], None if fit is None else _shippable(fit)))
-        fn_kwargs = {"stages_ref": stages_ref, "fate": self.fates is not None}
+        fn_kwargs = {"stages_ref": stages_ref, "fate": self.fates is not None, "return_docs": bool(remote)}
         # Batches per Ray Data execution: the driver reads the next window while Ray runs this one.
         window = max(8, 4 * max(1, getattr(self, "cpus", 1)))
         # Per shipped batch: the input batches before it that the in-order stages emptied (what each
-        # logged), and what it logged itself; each is handed on in its turn, an emptied one as [].
-        held: list[tuple[list[Logged], Logged]] = []
+        # logged), what it logged itself, and its documents when no task returns them; each is handed
+        # on in its turn, an emptied one as [].
+        held: list[tuple[list[Logged], Logged, list[Doc] | None]] = []
         emptied: list[Logged] = []
         rows: list[tuple] = []
         samples: list[tuple[str, Doc]] = []
@@ -330,7 +335,7 @@ class RayExecutor(Executor):
                         if not batch:  # nothing to ship: handed on as [] before the next shipped batch
                             emptied.append((rows, samples))
                             continue
-                        held.append((emptied, (rows, samples)))
+                        held.append((emptied, (rows, samples), None if remote else batch))
                         emptied = []
                         tables.append(pa.table({"batch": pa.array([shipped] * len(batch), pa.int64()),
                                                 "doc": pa.array([d.to_json() for d in batch], pa.large_string())}))
@@ -346,13 +351,14 @@ class RayExecutor(Executor):
                     # 3. Replay the windows before the newest one (it runs while the next is read).
                     while len(running) > (0 if done else 1):
                         for index, payload in running.popleft().result():
-                            before, logged = held[index]
-                            held[index] = ([], ([], []))
+                            before, logged, kept = held[index]
+                            held[index] = ([], ([], []), None)
                             for empty in before:
                                 self._replay(*empty)
                                 yield []
                             self._replay(*logged)
-                            yield self._replay_batch(index, payload, remote, parts)
+                            survivors = self._replay_batch(index, payload, remote, parts)
+                            yield survivors if kept is None else kept
         finally:
             bar.close()
         if self.remote_batches_segment != shipped:

@@ -12,9 +12,11 @@ hashes, concatenated, with each document's count of them; ``fit_merge`` cuts the
 the bucket boundaries by stream position and counts each bucket as one call of
 ``Context.map``. Where it runs: under ``executor: ray`` the parts come from the Ray tasks
 that hold the documents and each bucket's counting is a Ray task; a local fit hashes here
-and counts the buckets one after the other. The positional second pass runs on the
-driver. Memory while counting: 8 bytes per distinct line per document of a bucket (of
-the buckets in flight, under Ray), and the small frequent sets afterwards.
+and counts the buckets one after the other. With several buckets the second pass follows
+the stream's order (on the driver); with one (any input under ``bucket_documents``) it is
+position-free (``process_anywhere``) and runs in the Ray tasks. Memory while counting: 8
+bytes per distinct line per document of a bucket (of the buckets in flight, under Ray),
+and the small frequent sets afterwards.
 """
 
 from __future__ import annotations
@@ -106,6 +108,9 @@ class LineDedup(Stage):
                                                          self._buckets(parts))]  # fmt: skip
         self.stats.notes["buckets"] = len(self.frequent)
         self.stats.notes["frequent_lines"] = sum(len(f) for f in self.frequent)
+        # One bucket: the second pass no longer depends on a document's position, so an executor may
+        # run it anywhere (in the Ray tasks, with the frequent set).
+        self.process_anywhere = len(self.frequent) == 1
 
     def _buckets(self, parts: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[np.ndarray]:
         """The line hashes of each bucket of ``bucket_documents`` documents, in order (one, empty, for no input)."""
@@ -129,7 +134,7 @@ class LineDedup(Stage):
 
     def process(self, docs: list[Doc]) -> None:
         for doc in docs:
-            frequent = self.frequent[self._pos // self.bucket_documents]
+            frequent = self.frequent[0 if self.process_anywhere else self._pos // self.bucket_documents]
             self._pos += 1
             lines = doc.text.split("\n")
             hashes = self._hashes(doc.text)

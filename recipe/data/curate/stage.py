@@ -115,8 +115,9 @@ class Stage:
     name: ClassVar[str] = "stage"
     needs_fit: ClassVar[bool] = False
     # After its fit, ``process`` depends on no position in the stream (only on what the fit
-    # learned), so an executor may run the second pass on any worker (``executor: ray``).
-    process_anywhere: ClassVar[bool] = False
+    # learned), so an executor may run the second pass on any worker (``executor: ray``). A
+    # stage may set it on itself in its fit (``line_dedup`` with one bucket).
+    process_anywhere: bool = False
     # The fit is a fold over documents: ``fit_part`` summarizes a run of them anywhere and
     # ``fit_merge`` folds the summaries in stream order, so an executor can compute the parts
     # where the documents already are (Ray tasks) instead of a pass over the spill here.
