@@ -59,6 +59,8 @@ KNOWN: tuple[Bench, ...] = (
           needs_modules=("datasketch",)),
     Bench("tokenize_pack", "tokenize_pack.py", ["--repeats", "1"], needs_demo_corpus=True),
     Bench("curate_ray", "curate_ray.py", needs_modules=("ray",)),
+    Bench("curate_datatrove", "curate_datatrove.py",
+          needs_modules=("datatrove", "orjson", "spacy", "tldextract", "fasteners", "ahocorasick")),
     Bench("compile", "compile.py", ["--steps", "2"]),
 )
 

@@ -28,7 +28,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -192,15 +192,14 @@ def _spill_docs(path: Path) -> Iterator[Doc]:
 
 class _Run:
     def __init__(self, cfg: CurateConfig, stages: list[Stage], root: Path, log, progress: bool,
-                 executor: Executor) -> None:  # fmt: skip
+                 executor: Executor, store: TaskStore) -> None:  # fmt: skip
         self.cfg, self.stages, self.root, self.log, self.progress = cfg, stages, root, log, progress
-        self.executor = executor
+        self.executor, self.store = executor, store
         self.work = root / "work"
         self.work.mkdir()
         self.sink = AuditSink(root / "report", cfg.samples_per_reason)
         self.fates = FateLog(root / "report" / FATE_FILE) if cfg.fate_log else None
         self.read = StageStats("read", "reader")
-        self.store: TaskStore | None = None
         self.passes = 0  # the stage segments streamed so far
         self.spills = 0
         self.skipped_examples: list[str] = []
@@ -238,39 +237,18 @@ class _Run:
         """One pass: the blocks an interrupted run finished are restored, the rest run on the executor and
         are stored as they finish (``tasks.py``)."""
         self.passes += 1
-        if self.store is None:
-            yield from self.executor.stream(source, stages, desc, total, fit)
-            return
         pass_no, source = self.passes, iter(source)
         finished = self.store.finished(pass_no)
-        positional = [s for s in stages if s.needs_fit and not s.process_anywhere]
-        blocked = [s.label for s in positional if type(s).skip is Stage.skip]
+        blocked = [s.label for s in stages if s.needs_fit and not s.process_anywhere and type(s).skip is Stage.skip]
         if finished and blocked:
             self.log(f"pass {pass_no} runs again from its start: stage {blocked[0]} cannot skip restored documents")
             finished = 0
-        by_label = {s.label: s for s in stages}
-        index = restored_docs = 0
-        bar = Progress(f"{desc} (restoring)", None, self.progress) if finished else None
-        for batch in take(source, finished):
-            restored_docs += len(batch)
-            for stage in positional:
-                stage.skip([d for d in batch if stage.applies(d)])
-            record = self.store.load(pass_no, index)
-            for label, change in record.stats.items():
-                apply_change(by_label[label].stats, change)
-            if self.fates is not None:
-                self.fates.restore_rows(record.rows)
-            for sample in record.samples:
-                self.sink.sample(*restored_sample(sample))
-            index += 1
-            bar.update(len(batch))
-            yield record.survivors
-        if bar is not None:
-            bar.close()
+        restored_docs = yield from self._restore(pass_no, take(source, finished), stages, desc)
         recorder = Recorder(stages)
         self.sink.tap = recorder.sample
         if self.fates is not None:
             self.fates.tap = recorder.row
+        index = finished
         try:
             # A fit from parts would see only the blocks run now: after a restore, the runner fits from the spill.
             left = None if total is None else total - restored_docs
@@ -283,6 +261,32 @@ class _Run:
             if self.fates is not None:
                 self.fates.tap = None
         self.store.pass_done(pass_no, index)
+
+    def _restore(self, pass_no: int, batches: Iterator[list[Doc]], stages: list[Stage],
+                 desc: str) -> Generator[list[Doc], None, int]:  # fmt: skip
+        """Hand on the stored survivors of these input batches, replaying what their blocks logged and
+        counted; return how many input documents they held."""
+        by_label = {s.label: s for s in stages}
+        positional = [s for s in stages if s.needs_fit and not s.process_anywhere]
+        bar: Progress | None = None
+        documents = 0
+        for index, batch in enumerate(batches):
+            bar = bar or Progress(f"{desc} (restoring)", None, self.progress)
+            bar.update(len(batch))
+            documents += len(batch)
+            for stage in positional:
+                stage.skip([d for d in batch if stage.applies(d)])
+            record = self.store.load(pass_no, index)
+            for label, change in record.stats.items():
+                apply_change(by_label[label].stats, change)
+            if self.fates is not None:
+                self.fates.restore_rows(record.rows)
+            for sample in record.samples:
+                self.sink.sample(*restored_sample(sample))
+            yield record.survivors
+        if bar is not None:
+            bar.close()
+        return documents
 
     def run(self) -> None:
         *filters, pack = self.stages
@@ -363,8 +367,7 @@ def curate(cfg: CurateConfig, overwrite: bool = False, log: Callable[[str], None
     check_free(out, overwrite, "output")  # before a task store is touched
     store = TaskStore(tasks_dir(out), run_fingerprint(cfg), log, resume)
     with atomic_dir(out, overwrite=overwrite, what="output") as root:
-        run = _Run(cfg, stages, root, log, progress, executor)
-        run.store = store
+        run = _Run(cfg, stages, root, log, progress, executor, store)
         ctx = Context(work_dir=run.work, workers=max(1, workers), log=log, sample=run.sink.sample, progress=progress,
                       fate=None if run.fates is None else run.fates.document)  # fmt: skip
         nothing: NothingSurvived | None = None
