@@ -78,8 +78,11 @@ def same_output(a: Path, b: Path, report_a: dict, report_b: dict) -> None:
 
     def strip(report):
         # The quality model is trained by the first run of a config and loaded by its rerun.
-        return [{k: ({n: x for n, x in v.items() if n not in ("trained", "model")} if k == "notes" else v) for k, v in s.items()
-                 if k != "seconds"} for s in report["stages"] if s["class"] not in ("CrashOnce", "CountDocuments")]  # fmt: skip
+        def notes(v):
+            return {n: x for n, x in v.items() if n not in ("trained", "model")}
+
+        return [{k: (notes(v) if k == "notes" else v) for k, v in s.items() if k != "seconds"}
+                for s in report["stages"] if s["class"] not in ("CrashOnce", "CountDocuments")]  # fmt: skip
 
     assert strip(report_a) == strip(report_b)
     for key in ("documents_read", "documents_dropped", "documents_quarantined", "documents_written", "mix",

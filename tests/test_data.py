@@ -307,6 +307,38 @@ def test_shard_writer_atomic_and_overwrite(tmp_path):
         ShardWriter(tmp_path / "y", vocab_size=10, bos_id=1, eos_id=2).add([1, 10, 2])
 
 
+def test_partitioned_shard_write_gives_the_same_bytes(tmp_path, monkeypatch):
+    """Shards written by threads (``write_threads``) are the files one thread writes, and a failing
+    write aborts the set with nothing left behind."""
+    rng = np.random.default_rng(0)
+    docs = [([1, *rng.integers(3, 50, int(n)).tolist(), 2], f"d{int(d)}")
+            for n, d in zip(rng.integers(0, 40, 400), rng.integers(0, 3, 400))]  # fmt: skip
+
+    def write(out: Path, threads: int) -> dict[str, bytes]:
+        with ShardWriter(out, vocab_size=50, bos_id=1, eos_id=2, shard_tokens=64, write_threads=threads) as w:
+            for tokens, domain in docs:
+                w.add(tokens, domain)
+        return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+    one, four = write(tmp_path / "one", 1), write(tmp_path / "four", 4)
+    assert len(one) > 100 and one == four  # index.json included: same names, order, counts, checksums
+    assert ShardSet(tmp_path / "four").num_documents == len(docs)
+
+    import recipe.data.shards as shards_mod
+
+    real = shards_mod._write_shard
+
+    def fail_late(folder, entry, parts):
+        if entry["name"] == "shard_00020":
+            raise OSError(28, "No space left on device")
+        real(folder, entry, parts)
+
+    monkeypatch.setattr(shards_mod, "_write_shard", fail_late)
+    with pytest.raises(OSError, match="No space left"):
+        write(tmp_path / "failed", 4)
+    assert not (tmp_path / "failed").exists() and not list(tmp_path.glob("failed.tmp-*"))
+
+
 def test_build_keeps_each_domain_in_its_own_shards(tmp_path, capsys):
     records = [{"text": f"{d} document {i} " + "x" * (i % 9), "domain": d} for i in range(30) for d in ("web", "code")]
     records += [{"text": f"no domain {i}"} for i in range(10)]

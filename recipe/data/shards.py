@@ -46,7 +46,9 @@ import json
 import os
 import shutil
 import zlib
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +151,18 @@ def check_free(out: Path, overwrite: bool, what: str) -> None:
     )
 
 
+def _write_shard(folder: Path, entry: dict[str, Any], parts: list[np.ndarray]) -> None:
+    """Write one shard's token and document-start files and add their checksums to ``entry``."""
+    lengths = np.fromiter((p.size for p in parts), dtype=np.uint64, count=len(parts))
+    starts = np.zeros(len(lengths), dtype=np.uint64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    tok_path, doc_path = folder / f"{entry['name']}.tokens.npy", folder / f"{entry['name']}.docs.npy"
+    np.save(tok_path, np.concatenate(parts))
+    np.save(doc_path, starts)
+    # Hash the files as written (just written, so read back from the page cache).
+    entry["checksum"] = {"tokens": file_checksum(tok_path), "docs": file_checksum(doc_path)}
+
+
 class ShardWriter:
     """Append tokenized documents; ``close()`` writes index.json last and publishes the set.
 
@@ -156,6 +170,12 @@ class ShardWriter:
     write and leaves nothing at ``out_dir``. One shard per domain is open at a time (so
     the in-memory buffer is up to ``shard_tokens`` per domain), which keeps every shard
     file single-domain without a second pass over the data.
+
+    With ``write_threads`` > 1 the write is partitioned by shard: a full shard's files are
+    written and checksummed by a thread of their own (numpy's file writes and zlib release
+    the GIL) while documents keep arriving, at most ``write_threads + 1`` shards in flight.
+    Which documents go to which shard, the names and the index are decided here, in order,
+    as before, so the files are the same bytes whatever the thread count.
     """
 
     def __init__(
@@ -167,6 +187,7 @@ class ShardWriter:
         tokenizer: str = "",
         shard_tokens: int = DEFAULT_SHARD_TOKENS,
         overwrite: bool = False,
+        write_threads: int = 1,
     ) -> None:
         if not 0 < vocab_size <= np.iinfo(DTYPE).max + 1:
             raise DataError(f"vocab_size {vocab_size} does not fit in {np.dtype(DTYPE).name}; use a smaller vocabulary")
@@ -182,6 +203,9 @@ class ShardWriter:
         self._open_tokens: dict[str, int] = {}
         self._shards: list[dict[str, Any]] = []
         self._closed = False
+        self._pool = ThreadPoolExecutor(write_threads, thread_name_prefix="shard-write") if write_threads > 1 else None
+        self._in_flight: deque[Future] = deque()
+        self._max_in_flight = max(1, write_threads) + 1
 
     # -- writing
     def add(self, tokens: Sequence[int] | np.ndarray, domain: str | None = None) -> None:
@@ -213,18 +237,32 @@ class ShardWriter:
         if not parts:
             return
         name = f"shard_{len(self._shards):05d}"
-        lengths = np.fromiter((p.size for p in parts), dtype=np.uint64, count=len(parts))
-        starts = np.zeros(len(lengths), dtype=np.uint64)
-        np.cumsum(lengths[:-1], out=starts[1:])
-        tok_path, doc_path = self._tmp / f"{name}.tokens.npy", self._tmp / f"{name}.docs.npy"
-        np.save(tok_path, np.concatenate(parts))
-        np.save(doc_path, starts)
-        # Hash the files as written (just written, so read back from the page cache).
-        checksum = {"tokens": file_checksum(tok_path), "docs": file_checksum(doc_path)}
-        self._shards.append(
-            {"name": name, "num_tokens": int(part_tokens), "num_documents": len(parts), "domain": domain,
-             "checksum": checksum}
-        )  # fmt: skip
+        entry = {"name": name, "num_tokens": int(part_tokens), "num_documents": len(parts), "domain": domain}
+        self._shards.append(entry)
+        if self._pool is None:
+            _write_shard(self._tmp, entry, parts)
+            return
+        while len(self._in_flight) >= self._max_in_flight:
+            self._in_flight.popleft().result()  # bounds the memory of shards waiting to be written
+        self._in_flight.append(self._pool.submit(_write_shard, self._tmp, entry, parts))
+
+    def _settle(self) -> None:
+        """Before the temporary folder is removed: no thread may still write into it."""
+        for future in self._in_flight:
+            future.cancel()
+        with contextlib.suppress(Exception):
+            self._wait()
+        self._stop_threads()
+
+    def _stop_threads(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _wait(self) -> None:
+        """Every shard handed to a thread is on disk (a write's error is raised here)."""
+        while self._in_flight:
+            self._in_flight.popleft().result()
 
     @property
     def num_tokens(self) -> int:
@@ -242,6 +280,8 @@ class ShardWriter:
         try:
             for domain in sorted(self._open):  # the last shards in a fixed order, not dict insertion order
                 self._flush(domain)
+            self._wait()
+            self._stop_threads()
             index = {
                 "format": FORMAT,
                 "version": VERSION,
@@ -260,6 +300,7 @@ class ShardWriter:
             os.replace(tmp_index, self._tmp / "index.json")
         except BaseException as e:
             self._closed = True
+            self._settle()
             self._ctx.__exit__(type(e), e, e.__traceback__)
             raise
         self._closed = True
@@ -270,6 +311,7 @@ class ShardWriter:
         """Drop everything written so far; ``out_dir`` is left as it was."""
         if not self._closed:
             self._closed = True
+            self._settle()
             err = RuntimeError("ShardWriter aborted")
             with contextlib.suppress(RuntimeError):
                 self._ctx.__exit__(RuntimeError, err, None)

@@ -12,6 +12,9 @@ reached (``mix_downsample`` for the rest), so the choice is deterministic and
 order-free. Survivors go to ``train``/``val`` by the same text-hash rule as
 ``recipe data build``, each bucket into shards of its own domain (renamed by
 ``shard_domains``, e.g. ``general: prose`` for a training config that names prose).
+The write is partitioned by shard: each full shard is written and checksummed by one of
+``write_threads`` threads while the next fills (``ShardWriter``). All of it runs on the
+driver's node under either executor: the spills and the output are local files there.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class Pack(Stage):
         shard_tokens: tokens per shard file.
         tokenizer: a tiktoken BPE file (default: Llama 3's).
         threads: tokenizer threads.
+        write_threads: shards written at once (the final write is partitioned by shard; the files are
+            the same bytes for any count).
     """
 
     name = "pack"
@@ -77,7 +82,8 @@ class Pack(Stage):
     def __init__(self, weights: dict[str, float] | None = DEFAULT_WEIGHTS, total_tokens: int | None = None,
                  shard_domains: dict[str, str] | None = None, val_fraction: float = 0.01,
                  val_documents: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                 tokenizer: str | None = None, threads: int = 8, **kw) -> None:  # fmt: skip
+                 tokenizer: str | None = None, threads: int = 8, write_threads: int = 4,
+                 **kw) -> None:  # fmt: skip
         super().__init__(**kw)
         if weights is not None:
             bad = {k: v for k, v in weights.items() if not isinstance(v, (int, float)) or v < 0}
@@ -90,7 +96,9 @@ class Pack(Stage):
         self.weights = None if weights is None else {str(k): float(v) for k, v in weights.items()}
         self.total_tokens, self.shard_domains = total_tokens, dict(shard_domains or {})
         self.val_fraction, self.val_documents, self.shard_tokens = val_fraction, val_documents, shard_tokens
-        self.tokenizer_path, self.threads = tokenizer, threads
+        if write_threads < 1:
+            raise ConfigError(f"pack: write_threads must be >= 1, got {write_threads}")
+        self.tokenizer_path, self.threads, self.write_threads = tokenizer, threads, write_threads
         self.tok: Any = None
         self._files: dict[str, Any] = {}
         self._meta: dict[str, dict[str, list]] = {}
@@ -202,8 +210,8 @@ class Pack(Stage):
         tok = self.tok
         meta = dict(vocab_size=tok.n_words, bos_id=tok.bos_id, eos_id=tok.eos_id,
                     tokenizer=str(getattr(tok, "path", "") or type(tok).__name__))  # fmt: skip
-        train = ShardWriter(root / "train", shard_tokens=self.shard_tokens, **meta)
-        val = ShardWriter(root / "val", shard_tokens=self.shard_tokens, **meta)
+        train = ShardWriter(root / "train", shard_tokens=self.shard_tokens, write_threads=self.write_threads, **meta)
+        val = ShardWriter(root / "val", shard_tokens=self.shard_tokens, write_threads=self.write_threads, **meta)
         mix: dict[str, dict[str, Any]] = {}
         try:
             splitter = Splitter(train, val, self.val_fraction, self.val_documents)

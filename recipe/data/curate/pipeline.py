@@ -41,7 +41,8 @@ from recipe.data.curate.reader import Quarantined, Skipped, list_sources, read_r
 from recipe.data.curate.record import Doc
 from recipe.data.curate.report import AuditSink, write_reports
 from recipe.data.curate.stage import Context, Stage, StageStats, build_stage
-from recipe.data.curate.tasks import Recorder, TaskStore, apply_change, restored_sample, run_fingerprint, take, tasks_dir
+from recipe.data.curate.tasks import (Recorder, TaskStore, apply_change, restored_sample, run_fingerprint, take,
+                                      tasks_dir)
 from recipe.data.errors import DataError
 from recipe.data.shards import atomic_dir, check_free
 from recipe.errors import ConfigError
@@ -347,7 +348,8 @@ def _check_accounting(stats: list[StageStats]) -> None:
 
 
 def curate(cfg: CurateConfig, overwrite: bool = False, log: Callable[[str], None] | None = None,
-           progress: bool | None = None, config_path: str | None = None, resume: bool = True) -> dict[str, Any]:  # fmt: skip
+           progress: bool | None = None, config_path: str | None = None,
+           resume: bool = True) -> dict[str, Any]:  # fmt: skip
     """Run ``cfg``; return the report (also written to ``<output>/report/``). The blocks that an
     interrupted run of the same config and input finished are restored, not run again, unless
     ``resume`` is False (``tasks.py``)."""
