@@ -91,6 +91,7 @@ def test_report_is_identical(both):
     assert local["executor"] == {"name": "local"}
     ray_run = remote["executor"]
     assert ray_run["name"] == "ray" and ray_run["cpus"] == 2 and ray_run["remote_batches"] > 20
+    assert ray_run["remote_reads"] == 7  # every input file: two crawls and five modules
     # line_dedup's second pass too: the input is one bucket, so it follows no position.
     assert ray_run["remote_stages"] == ["clean", "blocklist", "domains", "line_dedup", "repetition", "basic_filter",
                                         "dirty_words", "token_kl", "quality", "pii"]  # fmt: skip

@@ -23,7 +23,7 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from recipe.data.cli import main as data_main
-from recipe.data.curate.pipeline import CurateConfig, curate
+from recipe.data.curate.pipeline import CurateConfig, curate, load_config
 from recipe.data.curate.reader import Quarantined, Skipped, read_records
 from recipe.data.curate.record import Doc, doc_id
 from recipe.data.errors import DataError
@@ -252,3 +252,32 @@ def test_url_folder_is_read_in_the_order_of_a_local_one(tmp_path):
         assert [s.label for s in list_sources(tmp_path.as_uri())] == local
     finally:
         fsspec.filesystem("memory").rm("/curate-order-test", recursive=True)
+
+
+def test_warc_read_by_ray_tasks_gives_the_local_curation(crawl, tmp_path):
+    """Under ``executor: ray`` each input file is read (HTML extracted) by a Ray task: the output is the
+    local run's, and a broken archive still stops with its one-line error."""
+    import ray
+
+    path, _ = crawl
+    local_cfg = write_config(tmp_path / "local.yaml", str(path.parent), tmp_path / "local")
+    assert data_main(["curate", "--config", str(local_cfg), "--no-progress"]) == 0
+    (tmp_path / "more").mkdir()
+    data = path.read_bytes()
+    (tmp_path / "more" / "cut.warc.gz").write_bytes(data[: len(data) // 2])
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        cfg = load_config(write_config(tmp_path / "ray.yaml", str(path.parent), tmp_path / "ray"), executor="ray")
+        report = curate(cfg, log=lambda s: None, progress=False)
+        assert report["executor"]["remote_reads"] == 1
+        cut = load_config(write_config(tmp_path / "cut.yaml", str(tmp_path / "more"), tmp_path / "cut"),
+                          executor="ray")  # fmt: skip
+        with pytest.raises(DataError, match=r"cut\.warc\.gz: truncated at the record at byte \d+ .*re-download it"):
+            curate(cut, log=lambda s: None, progress=False)
+    finally:
+        ray.shutdown()
+    for name in ("train", "val"):
+        a, b = tmp_path / "local" / name, tmp_path / "ray" / name
+        assert {p.name: p.read_bytes() for p in a.glob("*.npy")} == {p.name: p.read_bytes() for p in b.glob("*.npy")}
+    assert pq.read_table(tmp_path / "local" / "report" / "fates.parquet").to_pylist() == \
+        pq.read_table(tmp_path / "ray" / "report" / "fates.parquet").to_pylist()

@@ -20,8 +20,10 @@ spill is skipped. A segment with no stage to run in Ray (``url_dedup``'s positio
 ``near_dedup``) still ships its survivors to Ray tasks for the parts alone (the MinHash
 signatures), and the tasks send back only the parts. The fold's independent pieces run
 as Ray tasks through ``Context.map`` (``ray_map.py``): ``near_dedup``'s candidate pairs band
-by band and their verification, ``line_dedup``'s counting bucket by bucket. Still on the
-driver: reading the input, the folds themselves (writing the signatures, the union-find
+by band and their verification, ``line_dedup``'s counting bucket by bucket. Each input file
+is read (parsed; a WARC's HTML extracted) by a Ray task that streams its records back in
+order (``records``). Still on the driver: batching the records, the folds themselves
+(writing the signatures, the union-find
 over the LSH candidate pairs, the URL table), the positional second pass of ``url_dedup``,
 ``near_dedup`` and ``line_dedup`` (with several buckets; with one, ``line_dedup``'s second
 pass runs in the Ray tasks), and mixing and packing. The driver ships a
@@ -48,6 +50,7 @@ from typing import Any
 
 from recipe.data.curate.fate import FateLog
 from recipe.data.curate.progress import Progress
+from recipe.data.curate.reader import Input, Quarantined, Skipped, list_sources, read_input, read_records
 from recipe.data.curate.record import Doc
 from recipe.data.curate.stage import Context, Stage, StageStats
 from recipe.data.errors import DataError
@@ -95,6 +98,10 @@ class Executor:
 
     def start(self, ctx: Context, fates: FateLog | None) -> None:
         self.ctx, self.fates = ctx, fates
+
+    def records(self, roots: list[str], text_field: str, max_chars: int) -> Iterator[Doc | Quarantined | Skipped]:
+        """Every record of every input, in order: read here (``reader.read_records``)."""
+        return read_records(roots, text_field, max_chars)
 
     def stream(self, source: Iterator[list[Doc]], stages: list[Stage], desc: str, total: int | None,
                fit: Stage | None = None) -> Iterator[list[Doc]]:  # fmt: skip
@@ -205,6 +212,21 @@ def _run_block(block: Any, stages_ref: Any, fate: bool, return_docs: bool = True
     return {"batch": np.asarray(out_ids, dtype=np.int64), "payload": payloads}
 
 
+READ_CHUNK = 1024  # records per object a reading task hands back
+
+
+def _read_chunks(item: Input, text_field: str, max_chars: int) -> Iterator[list]:
+    """A reading task: the records of one input, in chunks (a Ray streaming generator)."""
+    chunk: list = []
+    for rec in read_input(item, text_field, max_chars):
+        chunk.append(rec)
+        if len(chunk) >= READ_CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def _collect(ds: Any) -> list[tuple[int, tuple]]:
     """Run a dataset of ``_run_block`` to the end: ``(batch index, payload)`` in input order."""
     return [(row["batch"], row["payload"]) for row in ds.iter_rows()]
@@ -230,6 +252,7 @@ class RayExecutor(Executor):
         self.remote_batches_segment = 0  # the same, in the segment being streamed
         self.remote_stages: list[str] = []
         self.remote_fits: list[str] = []  # global stages whose fit was summed up from Ray tasks' parts
+        self.remote_reads = 0  # input files read by Ray tasks
         self._fitted: Stage | None = None
 
     def start(self, ctx: Context, fates: FateLog | None) -> None:
@@ -274,10 +297,42 @@ class RayExecutor(Executor):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "address": self.address, "cpus": getattr(self, "cpus", None),
                 "remote_batches": self.remote_batches, "remote_stages": self.remote_stages,
-                "remote_fits": self.remote_fits}
+                "remote_fits": self.remote_fits, "remote_reads": self.remote_reads}
 
     def fitted(self, stage: Stage) -> bool:
         return stage is self._fitted
+
+    def records(self, roots: list[str], text_field: str, max_chars: int) -> Iterator[Doc | Quarantined | Skipped]:
+        """Each input file is read (parsed, HTML extracted) by a Ray task that streams its records back in
+        chunks; the next file's task runs while this one's records are used. A local file is read on this
+        node (its path means nothing elsewhere), an fsspec URL anywhere. The tasks take no CPU slot: one
+        waiting for its records to be taken must never keep the stages' tasks from a CPU."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        task = ray.remote(num_cpus=0, max_retries=0)(_read_chunks)
+        items = iter([item for root in roots for item in list_sources(root)])
+        running: deque[Any] = deque()
+
+        def launch() -> None:
+            item = next(items, None)
+            if item is not None:
+                where = here if item.fs is None else "DEFAULT"
+                running.append(task.options(scheduling_strategy=where, _generator_backpressure_num_objects=4)
+                               .remote(item, text_field, max_chars))  # fmt: skip
+                self.remote_reads += 1
+
+        launch()
+        while running:
+            launch()  # the next file is read ahead
+            try:
+                for ref in running.popleft():
+                    yield from ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, (DataError, ConfigError)):
+                    raise e.cause from None  # a bad input's one-line error, as a local run gives it
+                raise
 
     def stream(self, source: Iterator[list[Doc]], stages: list[Stage], desc: str, total: int | None,
                fit: Stage | None = None) -> Iterator[list[Doc]]:  # fmt: skip

@@ -37,7 +37,7 @@ from recipe.data.curate.executors import Executor, ExecutorSpec, make_executor
 from recipe.data.curate.fate import FATE_FILE, FateLog
 from recipe.data.curate.pack import NothingSurvived, Pack
 from recipe.data.curate.progress import Progress
-from recipe.data.curate.reader import Quarantined, Skipped, list_sources, read_records
+from recipe.data.curate.reader import Quarantined, Skipped, list_sources
 from recipe.data.curate.record import Doc
 from recipe.data.curate.report import AuditSink, write_reports
 from recipe.data.curate.stage import Context, Stage, StageStats, build_stage
@@ -207,7 +207,7 @@ class _Run:
 
     def records(self) -> Iterator[Doc]:
         """Input documents; bad records are counted and quarantined on the way."""
-        for rec in read_records(self.cfg.input, self.cfg.text_field, self.cfg.max_document_chars):
+        for rec in self.executor.records(self.cfg.input, self.cfg.text_field, self.cfg.max_document_chars):
             if isinstance(rec, Skipped):
                 # Not a document (a WARC request, an image, a redirect): counted by reason, with a few examples.
                 key = f"skipped:{rec.reason}"

@@ -34,7 +34,7 @@ from recipe.data.corpus import META_FIELDS, SUPPORTED, corpus_kind
 from recipe.data.curate.record import Doc
 from recipe.data.errors import DataError
 
-__all__ = ["Input", "Quarantined", "Skipped", "list_sources", "read_records"]
+__all__ = ["Input", "Quarantined", "Skipped", "list_sources", "read_input", "read_records"]
 
 EXCERPT_CHARS = 500
 WARC_SUFFIXES = (".warc", ".warc.gz")
@@ -177,14 +177,20 @@ def read_records(
     roots = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     for root in roots:
         for item in list_sources(root):
-            if item.kind == "jsonl":
-                yield from _jsonl(item, text_field, max_chars)
-            elif item.kind == "text":
-                yield _text_file(item, max_chars)
-            elif item.kind == "warc":
-                yield from _warc(item, max_chars)
-            else:
-                yield from _columns(item, text_field, max_chars)
+            yield from read_input(item, text_field, max_chars)
+
+
+def read_input(item: Input, text_field: str = "text",
+               max_chars: int = 1_000_000) -> Iterator[Doc | Quarantined | Skipped]:  # fmt: skip
+    """Every record of one input (one of ``list_sources``), in order."""
+    if item.kind == "jsonl":
+        yield from _jsonl(item, text_field, max_chars)
+    elif item.kind == "text":
+        yield _text_file(item, max_chars)
+    elif item.kind == "warc":
+        yield from _warc(item, max_chars)
+    else:
+        yield from _columns(item, text_field, max_chars)
 
 
 def _meta(record: dict[str, Any]) -> dict[str, str | None]:
