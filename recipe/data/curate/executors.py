@@ -53,6 +53,7 @@ from recipe.data.curate.progress import Progress
 from recipe.data.curate.reader import Input, Quarantined, Skipped, list_sources, read_input, read_records
 from recipe.data.curate.record import Doc
 from recipe.data.curate.stage import Context, Stage, StageStats
+from recipe.data.curate.tasks import batched
 from recipe.data.errors import DataError
 from recipe.errors import ConfigError
 
@@ -217,14 +218,7 @@ READ_CHUNK = 1024  # records per object a reading task hands back
 
 def _read_chunks(item: Input, text_field: str, max_chars: int) -> Iterator[list]:
     """A reading task: the records of one input, in chunks (a Ray streaming generator)."""
-    chunk: list = []
-    for rec in read_input(item, text_field, max_chars):
-        chunk.append(rec)
-        if len(chunk) >= READ_CHUNK:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    yield from batched(read_input(item, text_field, max_chars), READ_CHUNK)
 
 
 def _collect(ds: Any) -> list[tuple[int, tuple]]:

@@ -41,8 +41,8 @@ from recipe.data.curate.reader import Quarantined, Skipped, list_sources
 from recipe.data.curate.record import Doc
 from recipe.data.curate.report import AuditSink, write_reports
 from recipe.data.curate.stage import Context, Stage, StageStats, build_stage
-from recipe.data.curate.tasks import (Recorder, TaskStore, apply_change, restored_sample, run_fingerprint, take,
-                                      tasks_dir)
+from recipe.data.curate.tasks import (Recorder, TaskStore, apply_change, batched, restored_sample, run_fingerprint,
+                                      take, tasks_dir)
 from recipe.data.errors import DataError
 from recipe.data.shards import atomic_dir, check_free
 from recipe.errors import ConfigError
@@ -174,17 +174,6 @@ def _remove_stale(out: Path, log: Callable[[str], None]) -> None:
         log(f"removed {p}, left by an interrupted run")
 
 
-def _batches(docs: Iterator[Doc], size: int) -> Iterator[list[Doc]]:
-    batch: list[Doc] = []
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _spill_docs(path: Path) -> Iterator[Doc]:
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -293,7 +282,7 @@ class _Run:
         *filters, pack = self.stages
         size = self.cfg.batch_documents
         t0 = time.perf_counter()
-        source: Iterator[list[Doc]] = _batches(self.records(), size)
+        source: Iterator[list[Doc]] = batched(self.records(), size)
         total: int | None = None
         spill: Path | None = None
         pending: list[Stage] = []
@@ -319,7 +308,7 @@ class _Run:
                 stage.run_fit(self._counted(_spill_docs(spill), bar))
                 bar.close()
                 passes += 1
-            source, pending = _batches(_spill_docs(spill), size), [stage]
+            source, pending = batched(_spill_docs(spill), size), [stage]
         names = ", ".join(["read"] * (spill is None) + [s.label for s in pending] + [pack.label])
         for batch in self.stream(source, pending, f"pass {passes}: {names}", total):
             pack.run_batch(batch)

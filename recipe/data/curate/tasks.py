@@ -32,10 +32,10 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from recipe.data.curate.reader import list_sources
 from recipe.data.curate.record import Doc
@@ -43,7 +43,9 @@ from recipe.data.curate.stage import Stage, StageStats
 from recipe.data.errors import DataError
 from recipe.files import atomic_write_bytes
 
-__all__ = ["BlockRecord", "TaskStore", "run_fingerprint", "tasks_dir"]
+__all__ = ["BlockRecord", "TaskStore", "batched", "run_fingerprint", "take", "tasks_dir"]
+
+T = TypeVar("T")
 
 FORMAT = 1
 # What may change between a run and its resumption without changing any decision.
@@ -233,6 +235,18 @@ def restored_sample(sample: list[Any]) -> tuple[str, Doc]:
     doc = Doc.from_json(doc_json)
     doc.drop_reason, doc.drop_detail = reason, detail
     return label, doc
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last one shorter): the blocks of a pass, a reading task's chunks."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def take(source: Iterator[list[Doc]], n: int) -> Iterator[list[Doc]]:
