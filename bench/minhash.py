@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from recipe.data.curate.minhash import lsh_clusters
-from recipe.data.curate.near_dedup import signature_chunks
+from recipe.data.curate.near_dedup import signature_parts
 from recipe.data.demo import build_demo_corpus
 
 WORD = re.compile(r"\w+")
@@ -77,10 +77,8 @@ def jaccard(a: str, b: str) -> float:
 def ours(texts: list[str], workers: int, threshold: float, bands: int = 20, rows: int = 6) -> tuple[np.ndarray, float]:
     t0 = time.perf_counter()
     chunks = (texts[i : i + 1000] for i in range(0, len(texts), 1000))
-    sigs, has, keys = [], [], []
-    for s, h, k in signature_chunks(chunks, workers, (128, 5, 1, bands, rows)):
-        sigs.append(s), has.append(h), keys.append(k)
-    sig, active, key = np.concatenate(sigs), np.concatenate(has), np.concatenate(keys)
+    parts = list(signature_parts(chunks, workers, (128, 5, 1, bands, rows)))
+    sig, active, key = (np.concatenate([getattr(p, f) for p in parts]) for f in ("sigs", "has", "keys"))
     rep = lsh_clusters(key, sig, active, threshold)
     return rep != np.arange(len(texts)), time.perf_counter() - t0
 

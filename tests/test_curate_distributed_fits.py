@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from recipe.data.curate.line_dedup import LineDedup
 from recipe.data.curate.minhash import MinHasher, band_keys, first_of_components, lsh_clusters
@@ -140,7 +141,6 @@ def test_lsh_clusters_band_tasks_and_edge_order_do_not_matter():
 
 @pytest.fixture(scope="module")
 def ray_runs(tmp_path_factory):
-    ray = pytest.importorskip("ray")
     from recipe.data.curate.pipeline import curate, load_config
     from recipe.data.curate.ray_map import RayMap
     from recipe.data.curate.synthetic import write_web_corpus

@@ -34,7 +34,7 @@ from recipe.data.curate.record import Doc, doc_id, text_hash64
 from recipe.data.curate.stage import Stage, register
 from recipe.errors import ConfigError
 
-__all__ = ["NearDedup", "SignaturePart", "pool_context", "signature_chunks", "signature_parts"]
+__all__ = ["NearDedup", "SignaturePart", "pool_context", "signature_parts"]
 
 _KEEP, _EXACT, _NEAR = 0, 1, 2
 
@@ -74,12 +74,6 @@ def signature_parts(chunks: Iterator[list[str]], workers: int, params: tuple) ->
         return
     with pool_context().Pool(workers) as pool:
         yield from pool.imap(_signature_task, tasks, chunksize=1)
-
-
-def signature_chunks(chunks: Iterator[list[str]], workers: int, params: tuple) -> Iterator[tuple]:
-    """``(signatures, has_shingles, band keys)`` of each chunk of texts, in order, over ``workers`` processes."""
-    for part in signature_parts(chunks, workers, params):
-        yield part.sigs, part.has, part.keys
 
 
 @register
